@@ -1,0 +1,340 @@
+"""Notebook-facing classes: build a model from an AnnData, fit it, and put results where scanpy
+users look for them (``adata.obsm["X_pyrosc"]``).
+
+Each class is a thin wrapper: it validates the data, builds the networks, binds them to the
+model and guide functions of :mod:`pyrosc.models` and :mod:`pyrosc.guides`, and hands the pair
+to :func:`pyrosc.train.train` and :mod:`pyrosc.evaluate`. Every fitted object owns its Pyro
+parameters (a private parameter-store scope), so models fitted in one session never interfere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyrosc import evaluate
+from pyrosc.data import CountData, from_anndata
+from pyrosc.guides import vae_guide
+from pyrosc.likelihoods import LIKELIHOODS, uses_gate
+from pyrosc.models import vae_model
+from pyrosc.nets import CountDecoder, GaussianEncoder
+from pyrosc.train import TrainResult, resolve_device, train
+
+_LATENT_KEY = "X_pyrosc"
+_SAVE_FORMAT = 1
+
+
+class PyroscModel:
+    """Shared machinery of the model classes; subclasses define :meth:`_build`.
+
+    Attributes:
+        adata: the AnnData the model was set up with (results are written to it).
+        data: its validated counts.
+        history: per-epoch training history (a DataFrame) after :meth:`fit`.
+    """
+
+    #: the constructor arguments that define the model (saved with it).
+    _config_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, adata: ad.AnnData, **config: Any) -> None:
+        self.adata = adata
+        self.config = config
+        self.data: CountData = from_anndata(
+            adata,
+            layer=config.get("layer"),
+            batch_key=config.get("batch_key"),
+            labels_key=config.get("labels_key"),
+            categorical_covariate_keys=config.get("categorical_covariate_keys") or (),
+        )
+        self._params: dict | None = None
+        self._pair: tuple[Callable, Callable, nn.Module] | None = None
+        self.device = torch.device("cpu")
+        self.train_result: TrainResult | None = None
+
+    # -- what a subclass provides ----------------------------------------------------------
+
+    def _build(self) -> tuple[Callable, Callable, nn.Module]:
+        """Networks sized from ``self.data`` and the model and guide bound to them."""
+        raise NotImplementedError
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def fit(
+        self,
+        max_epochs: int = 400,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        validation_fraction: float = 0.1,
+        early_stopping: bool = False,
+        seed: int = 0,
+        device: str = "auto",
+        progress: bool = True,
+        **train_options: Any,
+    ) -> PyroscModel:
+        """Fit the model by SVI (see :func:`pyrosc.train.train` for every option, e.g.
+        ``kl_warmup_epochs``, ``free_bits``, ``patience``).
+
+        With ``validation_fraction=0`` every cell trains (the benchmark setting). Refitting
+        starts again from fresh networks and parameters.
+
+        Returns:
+            self, fitted; the history is in ``self.history``.
+        """
+        self.device = resolve_device(device)
+        pyro.set_rng_seed(seed)  # the networks' initial weights depend on the seed too
+        self._pair = self._build()
+        model, guide, networks = self._pair
+        with pyro.get_param_store().scope() as params:
+            self.train_result = train(
+                model,
+                guide,
+                self.data,
+                networks=networks,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                validation_fraction=validation_fraction,
+                early_stopping=early_stopping,
+                seed=seed,
+                device=self.device,
+                progress=progress,
+                **train_options,
+            )
+        self._params = params
+        return self
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training history (see :class:`pyrosc.train.TrainResult`)."""
+        return self._fitted_result().history
+
+    def _fitted_result(self) -> TrainResult:
+        if self.train_result is None:
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call .fit() first")
+        return self.train_result
+
+    @contextmanager
+    def _scope(self) -> Iterator[tuple[Callable, Callable, nn.Module]]:
+        """This model's parameters, loaded into Pyro's (global) parameter store."""
+        if self._pair is None or self._params is None:
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call .fit() first")
+        with pyro.get_param_store().scope(self._params):
+            yield self._pair
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _data_for(self, adata: ad.AnnData | None) -> tuple[ad.AnnData, CountData]:
+        """The validated counts of ``adata`` (the training AnnData when None)."""
+        if adata is None or adata is self.adata:
+            return self.adata, self.data
+        if list(adata.var_names) != list(self.data.var_names):
+            raise ValueError(
+                f"adata has {adata.n_vars} genes that are not the {self.data.n_genes} genes the "
+                "model was set up with, in the same order; subset it with "
+                "adata[:, model.data.var_names]"
+            )
+        data = from_anndata(
+            adata,
+            layer=self.config.get("layer"),
+            batch_key=self.config.get("batch_key"),
+            labels_key=None,
+            categorical_covariate_keys=self.config.get("categorical_covariate_keys") or (),
+            covariate_categories=self.data.covariate_categories,
+        )
+        return adata, data
+
+    @torch.no_grad()
+    def latent(self, adata: ad.AnnData | None = None, batch_size: int = 1024) -> np.ndarray:
+        """Posterior mean of each cell's latent ``z`` under the guide.
+
+        Also written to ``adata.obsm["X_pyrosc"]``, so ``sc.pp.neighbors(adata,
+        use_rep="X_pyrosc")`` works at once.
+
+        Args:
+            adata: cells to embed, with the training genes (default: the training AnnData).
+            batch_size: cells per pass.
+
+        Returns:
+            ``(cells, n_latent)`` float32 array.
+        """
+        adata, data = self._data_for(adata)
+        chunks = []
+        with self._scope() as (model, guide, networks), evaluate.eval_mode(networks):
+            for start in range(0, data.n_cells, batch_size):
+                index = np.arange(start, min(start + batch_size, data.n_cells))
+                minibatch = data.minibatch(index, self.device)
+                trace = poutine.trace(guide).get_trace(
+                    **evaluate.model_kwargs(guide, minibatch, None)
+                )
+                chunks.append(trace.nodes["z"]["fn"].mean.cpu())
+        latent = torch.cat(chunks).numpy()
+        adata.obsm[_LATENT_KEY] = latent
+        return latent
+
+    def log_likelihood(self, adata: ad.AnnData | None = None, n_samples: int = 200) -> np.ndarray:
+        """Importance-sampled ``log p(x)`` of each cell (:func:`pyrosc.evaluate.log_likelihood`).
+
+        Args:
+            adata: cells to score, e.g. held-out cells (default: the training AnnData).
+            n_samples: importance samples K per cell.
+
+        Returns:
+            ``(cells,)`` float64 log-likelihoods in nats.
+        """
+        _, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            return evaluate.log_likelihood(
+                model, guide, data, n_samples, networks=networks, device=self.device
+            )
+
+    def elbo(self, adata: ad.AnnData | None = None, n_samples: int = 1) -> np.ndarray:
+        """Per-cell ELBO (see :func:`pyrosc.evaluate.elbo`); ``(cells,)`` float64."""
+        _, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            return evaluate.elbo(
+                model, guide, data, n_samples, networks=networks, device=self.device
+            )
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to the directory ``path`` (created if needed).
+
+        Files: ``config.json`` (class, settings, genes, covariate categories), ``model.pt``
+        (tensors only: network weights and Pyro parameters) and ``history.csv``.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with self._scope() as (_, _, networks):
+            store = pyro.get_param_store()
+            params = {
+                name: store[name].detach().cpu()
+                for name in store.keys()
+                if "$$$" not in name  # module weights are saved with their module
+            }
+        tensors = {
+            "networks": {k: v.cpu() for k, v in networks.state_dict().items()},
+            "params": params,
+        }
+        torch.save(tensors, path / "model.pt")
+        meta = {
+            "format": _SAVE_FORMAT,
+            "class": type(self).__name__,
+            "config": self.config,
+            "var_names": list(map(str, self.data.var_names)),
+            "covariate_categories": self.data.covariate_categories,
+        }
+        (path / "config.json").write_text(json.dumps(meta, indent=2))
+        self.history.to_csv(path / "history.csv", index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, adata: ad.AnnData, device: str = "cpu") -> PyroscModel:
+        """Load a model written by :meth:`save`, set up on ``adata`` (same genes).
+
+        Only tensors are read (``torch.load(weights_only=True)``): no arbitrary object is ever
+        unpickled.
+        """
+        path = Path(path)
+        meta = json.loads((path / "config.json").read_text())
+        if meta.get("class") != cls.__name__:
+            raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
+        if [str(v) for v in adata.var_names] != meta["var_names"]:
+            raise ValueError(
+                f"adata's genes differ from the {len(meta['var_names'])} genes the model was "
+                "trained on; subset it to the saved var_names, in order"
+            )
+        self = cls(adata, **meta["config"])
+        self.device = resolve_device(device)
+        tensors = torch.load(path / "model.pt", map_location=self.device, weights_only=True)
+        self._pair = self._build()
+        model, guide, networks = self._pair
+        networks.load_state_dict(tensors["networks"])
+        networks.to(self.device).eval()
+        with pyro.get_param_store().scope() as params:
+            # Run the pair once so each parameter is created with its constraint, then set it.
+            probe = self.data.minibatch(np.arange(min(2, self.data.n_cells)), self.device)
+            with poutine.block(), torch.no_grad():
+                guide_trace = poutine.trace(guide).get_trace(
+                    **evaluate.model_kwargs(guide, probe, None)
+                )
+                poutine.replay(model, trace=guide_trace)(
+                    **evaluate.model_kwargs(model, probe, None)
+                )
+            store = pyro.get_param_store()
+            for name, value in tensors["params"].items():
+                store[name] = value
+        self._params = params
+        history = pd.read_csv(path / "history.csv")
+        self.train_result = TrainResult(
+            history=history,
+            train_index=np.array([], dtype=np.int64),
+            validation_index=np.array([], dtype=np.int64),
+            best_epoch=int(history["epoch"].iloc[-1]) if len(history) else 0,
+        )
+        return self
+
+
+class VAE(PyroscModel):
+    """The VAE for counts of scVAE: ``z ~ N(0, I)``, counts ``~ Likelihood(l softmax(f(z)))``.
+
+    Args:
+        adata: raw counts in ``adata.X`` or ``adata.layers[layer]``, cells x genes.
+        likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
+        layer: the layer holding counts (None: ``adata.X``).
+        labels_key: obs column of cell labels (kept for scoring; not used in training).
+        n_latent, n_hidden, n_layers, dropout: network sizes (scvi-tools' defaults).
+
+    Example::
+
+        m = pyrosc.VAE(adata, likelihood="nb").fit(max_epochs=400)
+        sc.pp.neighbors(adata, use_rep="X_pyrosc")  # after m.latent()
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        likelihood: str = "nb",
+        layer: str | None = None,
+        labels_key: str | None = None,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        super().__init__(
+            adata,
+            likelihood=likelihood,
+            layer=layer,
+            labels_key=labels_key,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=dropout,
+        )
+
+    def _build(self) -> tuple[Callable, Callable, nn.Module]:
+        c, n_genes = self.config, self.data.n_genes
+        encoder = GaussianEncoder(
+            n_genes, c["n_latent"], c["n_hidden"], c["n_layers"], c["dropout"]
+        )
+        decoder = CountDecoder(
+            c["n_latent"], n_genes, c["n_hidden"], c["n_layers"], gate=uses_gate(c["likelihood"])
+        )
+        model = partial(vae_model, decoder=decoder, likelihood=c["likelihood"])
+        guide = partial(vae_guide, encoder=encoder)
+        return model, guide, nn.ModuleDict({"encoder": encoder, "decoder": decoder})

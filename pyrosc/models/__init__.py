@@ -1,0 +1,5 @@
+"""Generative models: one Pyro function per file, reading like the math in its docstring."""
+
+from pyrosc.models.vae import vae_model
+
+__all__ = ["vae_model"]

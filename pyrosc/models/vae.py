@@ -1,0 +1,56 @@
+"""The VAE for counts of scVAE (Grønbech et al. 2020) with an observed library size."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+from torch import Tensor
+from torch.distributions import constraints
+
+from pyrosc.likelihoods import count_distribution, uses_dispersion
+from pyrosc.nets import CountDecoder
+from pyrosc.plates import cells_plate
+
+
+def vae_model(
+    counts: Tensor,
+    library: Tensor,
+    n_cells: int | None = None,
+    *,
+    decoder: CountDecoder,
+    likelihood: str = "nb",
+) -> None:
+    """Generative model of the counts ``x`` of cell ``n``::
+
+        z_n      ~ Normal(0, I)                          latent state, (n_latent,)
+        rho_n    = softmax(f(z_n))                       expression proportions, (genes,)
+        x_ng     ~ Likelihood(l_n rho_ng, theta_g, pi_ng)
+
+    with ``l_n`` the cell's observed total count, ``theta_g`` a gene-wise inverse dispersion
+    (NB and ZINB) and ``pi_ng`` zero-inflation gate logits from the decoder (ZIP and ZINB).
+
+    Args:
+        counts: ``(batch, genes)`` observed counts.
+        library: ``(batch,)`` total count of each cell.
+        n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
+        decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportions and gates.
+        likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
+    """
+    pyro.module("decoder", decoder)
+    n_genes = counts.shape[-1]
+    n_latent = decoder.n_input
+    inverse_dispersion = None
+    if uses_dispersion(likelihood):
+        inverse_dispersion = pyro.param(
+            "inverse_dispersion", counts.new_ones(n_genes), constraint=constraints.positive
+        )
+    with cells_plate(counts, n_cells):
+        prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
+        z = pyro.sample("z", prior.to_event(1))
+        proportions, gate_logits = decoder(z)
+        mean = library.unsqueeze(-1) * proportions
+        pyro.sample(
+            "counts",
+            count_distribution(likelihood, mean, inverse_dispersion, gate_logits).to_event(1),
+            obs=counts,
+        )

@@ -1,0 +1,153 @@
+"""Encoder and decoder building blocks shared by the models and guides.
+
+Every network here accepts inputs with any number of leading dimensions, ``(..., features)``.
+That matters under Pyro: vectorised particles and parallel enumeration add dimensions on the
+left of a cell's tensor, while ``nn.BatchNorm1d`` only accepts a 2-D ``(batch, features)``
+input. The networks therefore flatten the leading dimensions, run, and restore them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def one_hot_covariates(covariates: Tensor | None, sizes: Sequence[int]) -> list[Tensor]:
+    """One-hot encode categorical covariates.
+
+    Args:
+        covariates: ``(..., n_covariates)`` integer codes, or None when ``sizes`` is empty.
+        sizes: number of categories of each covariate.
+
+    Returns:
+        one ``(..., size)`` float tensor per covariate.
+    """
+    if not sizes:
+        return []
+    if covariates is None or covariates.shape[-1] != len(sizes):
+        found = None if covariates is None else covariates.shape[-1]
+        raise ValueError(f"expected codes of {len(sizes)} covariates, got {found}")
+    return [F.one_hot(covariates[..., i], size).float() for i, size in enumerate(sizes)]
+
+
+class MLP(nn.Module):
+    """Fully connected layers: ``Linear -> BatchNorm -> ReLU -> Dropout``, repeated.
+
+    As in scVI, categorical covariates (one-hot) are concatenated to the input of every layer,
+    so that each layer can shift its output by batch.
+
+    Args:
+        n_input: input features.
+        n_hidden: units per hidden layer.
+        n_layers: number of hidden layers (at least 1).
+        dropout: dropout probability after each layer.
+        covariate_sizes: number of categories of each categorical covariate to inject.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        covariate_sizes: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        self.covariate_sizes = tuple(int(s) for s in covariate_sizes)
+        n_extra = sum(self.covariate_sizes)
+        self.linears = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        for i in range(n_layers):
+            self.linears.append(nn.Linear((n_input if i == 0 else n_hidden) + n_extra, n_hidden))
+            # scvi-tools' BatchNorm settings: slow running statistics, eps 1e-3.
+            self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
+        self.dropout = nn.Dropout(dropout)
+        self.n_output = n_hidden
+
+    def forward(self, x: Tensor, covariates: Tensor | None = None) -> Tensor:
+        """``(..., n_input)`` [and ``(..., n_covariates)`` codes] -> ``(..., n_hidden)``."""
+        one_hots = one_hot_covariates(covariates, self.covariate_sizes)
+        if one_hots:
+            # Covariates index cells; under enumeration x may carry extra leading dimensions.
+            shape = x.shape[:-1]
+            one_hots = [h.expand(*shape, h.shape[-1]) for h in one_hots]
+        for linear, norm in zip(self.linears, self.norms, strict=True):
+            h = linear(torch.cat([x, *one_hots], dim=-1)) if one_hots else linear(x)
+            # BatchNorm1d needs (batch, features): fold every leading dimension into one.
+            h = norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+            x = self.dropout(F.relu(h))
+        return x
+
+
+class GaussianEncoder(nn.Module):
+    """Amortized Gaussian posterior: features -> (loc, scale) of a diagonal Normal.
+
+    Args:
+        n_input: input features (genes, usually).
+        n_output: latent dimensions.
+        n_hidden, n_layers, dropout, covariate_sizes: as :class:`MLP`.
+        min_variance: floor added to the variance, as scVI's ``var_eps``.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        covariate_sizes: Sequence[int] = (),
+        min_variance: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes)
+        self.loc = nn.Linear(n_hidden, n_output)
+        self.log_variance = nn.Linear(n_hidden, n_output)
+        self.min_variance = min_variance
+
+    def forward(self, x: Tensor, covariates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(..., n_input)`` -> loc and scale, each ``(..., n_output)``."""
+        h = self.body(x, covariates)
+        scale = (self.log_variance(h).exp() + self.min_variance).sqrt()
+        return self.loc(h), scale
+
+
+class CountDecoder(nn.Module):
+    """Latent -> per-gene expression proportions on the simplex, and zero-inflation logits.
+
+    Args:
+        n_input: latent dimensions.
+        n_genes: genes.
+        n_hidden, n_layers, covariate_sizes: as :class:`MLP`.
+        dropout: dropout in the hidden layers (scVI's decoder uses none).
+        gate: whether to output zero-inflation gate logits.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_genes: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.0,
+        covariate_sizes: Sequence[int] = (),
+        gate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_input = n_input
+        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes)
+        self.proportion_logits = nn.Linear(n_hidden, n_genes)
+        self.gate_logits = nn.Linear(n_hidden, n_genes) if gate else None
+
+    def forward(self, z: Tensor, covariates: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(..., n_input)`` -> proportions ``(..., n_genes)`` summing to one, and gate
+        logits ``(..., n_genes)`` (None without a gate)."""
+        h = self.body(z, covariates)
+        proportions = F.softmax(self.proportion_logits(h), dim=-1)
+        gate_logits = self.gate_logits(h) if self.gate_logits is not None else None
+        return proportions, gate_logits

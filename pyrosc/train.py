@@ -1,0 +1,299 @@
+"""Stochastic variational inference for any (model, guide) pair that follows the pyrosc contract.
+
+The trainer never asks which model it was given. What it needs to know it reads off the pair:
+the data arguments it takes (its signature, see :func:`pyrosc.evaluate.model_kwargs`), and
+whether any site is marked for enumeration (then the ELBO is ``TraceEnum_ELBO``, so discrete
+latents are summed out exactly instead of sampled).
+
+KL warm-up and free bits are effect handlers around the model and the guide, not edits of the
+loss by hand: :class:`ScaleLatents` multiplies the log-density of every latent site by the
+warm-up weight, in both the model and the guide, which scales ``log p(z) - log q(z)`` (the
+KL term) and leaves the reconstruction term ``log p(x | z)`` untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Independent
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.optim import Adam
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyrosc.data import CountData, MinibatchSampler, split_cells
+from pyrosc.evaluate import elbo, max_plate_nesting, model_kwargs, trace_pair
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"`` / ``"cuda"`` as given.
+
+    Raises:
+        ValueError: ``"cuda"`` was asked for on a machine without a usable GPU.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but PyTorch sees no CUDA GPU here "
+            f"(torch {torch.__version__}); use device='cpu' or device='auto'"
+        )
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return torch.device(device)
+
+
+class ScaleLatents(Messenger):
+    """Multiply the log-density of every latent (unobserved) sample site by ``weight``.
+
+    Applied to both the model and the guide, it turns the ELBO into
+    ``E_q[log p(x | z)] - weight * KL(q(z | x) || p(z))``: the KL warm-up of Bowman et al.
+    (2016) and scVI.
+    """
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+            msg["scale"] = self.weight * msg["scale"]
+
+
+def _latent_sites(trace: poutine.Trace) -> list[dict]:
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    ]
+
+
+def _per_dimension_log_prob(site: dict) -> Tensor:
+    """Log-density of a site's value per latent dimension: ``(..., cells, dims)``."""
+    fn = site["fn"]
+    if isinstance(fn, Independent):
+        return fn.base_dist.log_prob(site["value"])
+    return fn.log_prob(site["value"]).unsqueeze(-1)
+
+
+def free_bits_loss(free_bits: float) -> Callable:
+    """A loss for :class:`pyro.infer.SVI`: the negative ELBO with free bits (Kingma et al. 2016).
+
+    Each latent dimension ``d`` of each local site pays ``max(KL_d, free_bits)`` nats per cell
+    instead of ``KL_d``, where ``KL_d`` is the minibatch mean of ``log q(z_d) - log p(z_d)``.
+    Below the threshold a dimension's KL costs nothing, so the optimiser has no reason to shut
+    it down (posterior collapse). Written as ``KL + relu(free_bits - KL_d)`` on the same draws,
+    so the gradient is exactly zero for a dimension under its budget.
+
+    Needs reparameterised continuous latents (Normal ``z``); models with enumerated discrete
+    sites are trained with ``TraceEnum_ELBO`` and cannot use free bits.
+    """
+
+    def loss(model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        elbo_value = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+        for guide_site in _latent_sites(guide_trace):
+            if not guide_site["fn"].has_rsample:
+                raise ValueError(
+                    f"free bits need reparameterised latents; site {guide_site['name']!r} "
+                    "is not (use free_bits=0)"
+                )
+            model_site = model_trace.nodes[guide_site["name"]]
+            log_ratio = _per_dimension_log_prob(guide_site) - _per_dimension_log_prob(model_site)
+            kl_per_dimension = log_ratio.reshape(-1, log_ratio.shape[-1]).mean(dim=0)
+            n_scaled_cells = guide_site["scale"] * log_ratio[..., 0].numel()
+            shortfall = torch.relu(free_bits - kl_per_dimension).sum()
+            elbo_value = elbo_value - n_scaled_cells * shortfall
+        return -elbo_value
+
+    return loss
+
+
+def has_enumerated_sites(model: Callable, guide: Callable, kwargs: dict) -> bool:
+    """Whether the model or guide marks any sample site for parallel enumeration."""
+    return any(
+        site["type"] == "sample" and site["infer"].get("enumerate") == "parallel"
+        for trace in trace_pair(model, guide, kwargs)
+        for site in trace.nodes.values()
+    )
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        history: one row per epoch: ``epoch``, ``kl_weight``, ``train_elbo`` (per cell, of the
+            objective optimised, warm-up weight included), ``validation_elbo`` (per cell, full
+            ELBO, networks in evaluation mode; NaN without validation cells) and ``seconds``.
+        train_index, validation_index: positions of the cells in each set.
+        best_epoch: the epoch whose parameters were kept (the last, or the best validation
+            ELBO with early stopping).
+        elbo_name: the loss used (``Trace_ELBO``, ``TraceEnum_ELBO`` or ``free_bits``).
+    """
+
+    history: pd.DataFrame
+    train_index: np.ndarray
+    validation_index: np.ndarray
+    best_epoch: int
+    elbo_name: str = "Trace_ELBO"
+
+
+def _snapshot(networks: nn.Module | None) -> tuple[dict, dict | None]:
+    store = pyro.get_param_store()
+    params = {name: store[name].detach().clone() for name in store.keys()}
+    modules = copy.deepcopy(networks.state_dict()) if networks is not None else None
+    return params, modules
+
+
+def _restore(snapshot: tuple[dict, dict | None], networks: nn.Module | None) -> None:
+    params, modules = snapshot
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in params.items():
+            if "$$$" not in name:  # module parameters are restored through their module
+                store[name] = value
+    if networks is not None and modules is not None:
+        networks.load_state_dict(modules)
+
+
+def train(
+    model: Callable,
+    guide: Callable,
+    data: CountData,
+    *,
+    networks: nn.Module | None = None,
+    max_epochs: int = 400,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    validation_fraction: float = 0.1,
+    early_stopping: bool = False,
+    patience: int = 45,
+    kl_warmup_epochs: int = 0,
+    free_bits: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> TrainResult:
+    """Fit ``model`` and ``guide`` to ``data`` by stochastic variational inference.
+
+    Parameters are created in (and trained in) the current Pyro parameter store: call it inside
+    ``pyro.get_param_store().scope(...)`` to keep fits apart, as the classes of
+    :mod:`pyrosc.api` do.
+
+    Args:
+        model, guide: a pair following the pyrosc contract (see the design notes).
+        data: validated counts from :func:`pyrosc.data.from_anndata`.
+        networks: the ``nn.Module`` s the pair uses (e.g. an ``nn.ModuleDict``); the trainer moves
+            them to ``device`` and switches training / evaluation mode.
+        max_epochs: passes over the training cells.
+        batch_size: cells per minibatch (a last minibatch of one cell is folded into the
+            previous one, so BatchNorm never sees a single cell).
+        lr: Adam learning rate.
+        validation_fraction: share of cells held out to monitor the ELBO; 0 trains on all.
+        early_stopping: stop once the validation ELBO has not improved for ``patience`` epochs,
+            and keep the best parameters.
+        patience: epochs without improvement before stopping.
+        kl_warmup_epochs: the KL weight rises linearly from 0 to 1 over this many epochs.
+        free_bits: nats per latent dimension exempt from the KL penalty (0 turns it off).
+        seed: seeds Pyro, PyTorch and NumPy, the split and the minibatch order.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: show a progress bar with the epoch and the ELBO.
+
+    Returns:
+        a :class:`TrainResult` with the history DataFrame.
+    """
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
+    if early_stopping and validation_fraction == 0:
+        raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
+    if free_bits < 0 or kl_warmup_epochs < 0:
+        raise ValueError("free_bits and kl_warmup_epochs must be non-negative")
+    device = resolve_device(device)
+    pyro.set_rng_seed(seed)
+    if networks is not None:
+        networks.to(device)
+    train_index, validation_index = split_cells(data.n_cells, validation_fraction, seed)
+    train_data = data.subset(train_index)
+    validation_data = data.subset(validation_index) if len(validation_index) else None
+    sampler = MinibatchSampler(train_data.n_cells, batch_size, shuffle=True, seed=seed)
+
+    first = train_data.minibatch(next(iter(MinibatchSampler(train_data.n_cells, batch_size))))
+    first = {key: value.to(device) for key, value in first.items()}
+    probe_args = model_kwargs(model, first, None) | model_kwargs(guide, first, None)
+    enumerated = has_enumerated_sites(model, guide, probe_args)
+    if enumerated and free_bits > 0:
+        raise ValueError("free bits are not available for models with enumerated sites")
+    if enumerated:
+        elbo_loss = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting(model, guide, probe_args))
+    elif free_bits > 0:
+        elbo_loss = free_bits_loss(free_bits)
+    else:
+        elbo_loss = Trace_ELBO()
+
+    kl_weight = ScaleLatents(1.0)
+    svi = SVI(kl_weight(model), kl_weight(guide), Adam({"lr": lr}), loss=elbo_loss)
+    rows, best, best_value, since_best = [], None, -np.inf, 0
+    bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
+    for epoch in bar:
+        start = time.perf_counter()
+        kl_weight.weight = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
+        if networks is not None:
+            networks.train()
+        total_loss = 0.0
+        for index in sampler:
+            minibatch = train_data.minibatch(index, device)
+            total_loss += svi.step(**model_kwargs(model, minibatch, train_data.n_cells))
+        train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
+        validation_elbo = np.nan
+        if validation_data is not None:
+            validation_elbo = float(
+                elbo(model, guide, validation_data, networks=networks, device=device).mean()
+            )
+        rows.append(
+            {
+                "epoch": epoch,
+                "kl_weight": kl_weight.weight,
+                "train_elbo": train_elbo,
+                "validation_elbo": validation_elbo,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        bar.set_postfix(elbo=f"{train_elbo:.1f}", validation=f"{validation_elbo:.1f}")
+        if not early_stopping:
+            continue
+        if validation_elbo > best_value:
+            best, best_value, since_best = (epoch, _snapshot(networks)), validation_elbo, 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    bar.close()
+    best_epoch = rows[-1]["epoch"]
+    if early_stopping and best is not None:
+        best_epoch = best[0]
+        _restore(best[1], networks)
+    if networks is not None:
+        networks.eval()
+    return TrainResult(
+        history=pd.DataFrame(rows),
+        train_index=train_index,
+        validation_index=validation_index,
+        best_epoch=best_epoch,
+        elbo_name="free_bits" if free_bits > 0 and not enumerated else type(elbo_loss).__name__,
+    )
