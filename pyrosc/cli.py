@@ -15,6 +15,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from pyrosc.data import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
 
 MODELS = ("vae",)
@@ -79,8 +80,7 @@ def select_genes(adata: ad.AnnData, n_top_genes: int, layer: str | None) -> ad.A
     """
     import scanpy as sc
 
-    counts = adata.layers[layer] if layer is not None else adata.X
-    view = ad.AnnData(counts, obs=adata.obs[[]], var=adata.var[[]])
+    view = ad.AnnData(count_matrix(adata, layer), obs=adata.obs[[]], var=adata.var[[]])
     detected = np.asarray((view.X > 0).sum(axis=0)).ravel() >= 3
     view = view[:, detected].copy()
     if n_top_genes <= 0 or n_top_genes >= view.n_vars:
@@ -140,8 +140,7 @@ def fit_command(args: argparse.Namespace) -> int:
     print(f"  {adata.n_obs} cells x {adata.n_vars} genes")
 
     adata = select_genes(adata, args.n_top_genes, args.layer)
-    counts = adata.layers[args.layer] if args.layer else adata.X
-    empty = np.asarray(counts.sum(axis=1)).ravel() == 0
+    empty = np.asarray(count_matrix(adata, args.layer).sum(axis=1)).ravel() == 0
     if empty.any():
         print(f"  dropping {int(empty.sum())} cells with no counts in the selected genes")
         adata = adata[~empty].copy()

@@ -153,7 +153,7 @@ def from_anndata(
             "of each."
         )
     source = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    matrix = _count_matrix(adata, layer, source)
+    matrix = count_matrix(adata, layer, source)
     _check_raw_counts(matrix, adata, layer, source)
 
     if sp.issparse(matrix):
@@ -290,10 +290,18 @@ def _check_obs_keys(
             raise ValueError(f"{argument} {key!r} is not a column of adata.obs; {columns}.")
 
 
-def _count_matrix(
-    adata: anndata.AnnData, layer: str | None, source: str
+def count_matrix(
+    adata: anndata.AnnData, layer: str | None = None, source: str | None = None
 ) -> sp.csr_matrix | np.ndarray:
-    """The (cells, genes) matrix to check: CSR (possibly sharing the user's buffers) or dense."""
+    """The ``(cells, genes)`` matrix of ``adata.X`` or ``adata.layers[layer]``, unvalidated.
+
+    CSR (possibly sharing the user's buffers: do not write to it) or a dense array.
+
+    Raises:
+        ValueError: an unknown layer (the message lists the layers), an empty matrix, or a
+            non-numeric dtype.
+    """
+    source = source or ("adata.X" if layer is None else f"adata.layers[{layer!r}]")
     if layer is not None and layer not in adata.layers:
         existing = (
             f"the layers are: {_quoted(adata.layers.keys())}"

@@ -121,10 +121,10 @@ class StableNegativeBinomial(dist.NegativeBinomial):
 
     Pyro subtracts lgammas of total_count + x, total_count and x + 1 as they stand; in float32
     (what training uses) with total_count = 1e6 the log-probability of a count of 1 is then off
-    by 0.8 nats, and with total_count = 1e-3 that of a count of 1e5 by 0.06. Large inverse
-    dispersions are common: a gene with Poisson-like noise drives theta up. This class differs
-    only in that term (:func:`_log_binomial_coefficient`) and in requiring a positive
-    total_count; mean, variance, sampling and expand are Pyro's.
+    by 0.8 nats (-1.82 instead of -1.00 at mean 1). Large inverse dispersions are common: a
+    gene with Poisson-like noise drives theta up. This class differs only in that term
+    (:func:`_log_binomial_coefficient`) and in requiring a positive total_count; mean,
+    variance, sampling and expand are Pyro's.
     """
 
     arg_constraints = {**dist.NegativeBinomial.arg_constraints, "total_count": constraints.positive}

@@ -24,8 +24,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Independent
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
-from pyro.optim import Adam
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
@@ -122,6 +121,16 @@ def free_bits_loss(free_bits: float) -> Callable:
         return -elbo_value
 
     return loss
+
+
+def _adam(lr: float) -> torch.optim.Adam:
+    """One Adam over every parameter in the (current) Pyro parameter store.
+
+    Pyro's own ``pyro.optim.Adam`` keeps one optimiser per parameter tensor; a single
+    multi-tensor Adam does the same arithmetic with less Python work per step.
+    """
+    params = [p for _, p in pyro.get_param_store().named_parameters()]
+    return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 def has_enumerated_sites(model: Callable, guide: Callable, kwargs: dict) -> bool:
@@ -247,7 +256,9 @@ def train(
         elbo_loss = Trace_ELBO()
 
     kl_weight = ScaleLatents(1.0)
-    svi = SVI(kl_weight(model), kl_weight(guide), Adam({"lr": lr}), loss=elbo_loss)
+    warm_model, warm_guide = kl_weight(model), kl_weight(guide)
+    loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
+    optimizer = None
     rows, best, best_value, since_best = [], None, -np.inf, 0
     bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
     for epoch in bar:
@@ -255,11 +266,25 @@ def train(
         kl_weight.weight = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
         if networks is not None:
             networks.train()
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=device)
         for index in sampler:
             minibatch = train_data.minibatch(index, device)
-            total_loss += svi.step(**model_kwargs(model, minibatch, train_data.n_cells))
+            loss = loss_fn(
+                warm_model, warm_guide, **model_kwargs(model, minibatch, train_data.n_cells)
+            )
+            if optimizer is None:  # parameters exist once the pair has run
+                optimizer = _adam(lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach()
+        total_loss = float(total_loss)
         train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
+        if not np.isfinite(train_elbo):
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch}: the ELBO is {train_elbo}; "
+                f"try a smaller learning rate than lr={lr}"
+            )
         validation_elbo = np.nan
         if validation_data is not None:
             validation_elbo = float(

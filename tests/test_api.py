@@ -1,0 +1,105 @@
+"""The notebook API: results where scanpy looks, save/load round trips, and clear misuse errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pyrosc
+from pyrosc import VAE
+
+
+@pytest.fixture
+def fitted(toy_adata):
+    return VAE(toy_adata, likelihood="zinb", n_latent=4, n_hidden=16).fit(
+        max_epochs=3, progress=False
+    )
+
+
+def test_latent_is_written_where_scanpy_looks(fitted, toy_adata):
+    latent = fitted.latent()
+    assert latent.shape == (toy_adata.n_obs, 4)
+    np.testing.assert_array_equal(toy_adata.obsm["X_pyrosc"], latent)
+    other = toy_adata[:50].copy()
+    np.testing.assert_allclose(fitted.latent(other), latent[:50], rtol=1e-5, atol=1e-6)
+    assert "X_pyrosc" in other.obsm
+
+
+def test_only_documented_slots_change(toy_adata):
+    before = toy_adata.copy()
+    model = VAE(toy_adata, n_latent=2, n_hidden=8).fit(max_epochs=1, progress=False)
+    model.latent()
+    model.log_likelihood(n_samples=2)
+    assert set(toy_adata.obsm) == {"X_pyrosc"}
+    np.testing.assert_array_equal(toy_adata.X.toarray(), before.X.toarray())
+    assert toy_adata.obs.equals(before.obs) and toy_adata.var.equals(before.var)
+    assert not toy_adata.layers and not toy_adata.uns
+
+
+def test_log_likelihood_and_elbo_per_cell(fitted, toy_adata):
+    log_lik = fitted.log_likelihood(toy_adata[:20], n_samples=50)
+    elbo = fitted.elbo(toy_adata[:20], n_samples=50)
+    assert log_lik.shape == elbo.shape == (20,)
+    assert np.all(np.isfinite(log_lik))
+    assert log_lik.mean() > elbo.mean()  # the importance-sampled bound is tighter
+
+
+def test_save_load_round_trip_gives_identical_latents(fitted, toy_adata, tmp_path):
+    latent = fitted.latent()
+    fitted.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["class"] == "VAE" and meta["config"]["likelihood"] == "zinb"
+    loaded = VAE.load(tmp_path / "m", toy_adata.copy())
+    np.testing.assert_array_equal(loaded.latent(), latent)
+    torch.manual_seed(0)
+    a = fitted.log_likelihood(toy_adata[:10], n_samples=5)
+    torch.manual_seed(0)
+    b = loaded.log_likelihood(toy_adata[:10], n_samples=5)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert loaded.history.equals(fitted.history) or np.allclose(
+        loaded.history.to_numpy(), fitted.history.to_numpy()
+    )
+
+
+def test_saved_file_loads_with_weights_only(fitted, tmp_path):
+    fitted.save(tmp_path / "m")
+    tensors = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert set(tensors) == {"networks", "params"}
+
+
+def test_load_refuses_other_genes_or_class(fitted, toy_adata, tmp_path):
+    fitted.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="genes differ"):
+        VAE.load(tmp_path / "m", toy_adata[:, :10].copy())
+
+    class Other(VAE):
+        pass
+
+    with pytest.raises(ValueError, match="holds a VAE, not a Other"):
+        Other.load(tmp_path / "m", toy_adata)
+
+
+def test_scoring_other_genes_is_refused(fitted, toy_adata):
+    with pytest.raises(ValueError, match="not the 40 genes the model was set up with"):
+        fitted.latent(toy_adata[:, ::-1].copy())
+
+
+def test_unfitted_model_says_so(toy_adata):
+    with pytest.raises(RuntimeError, match=r"not fitted yet: call \.fit\(\) first"):
+        VAE(toy_adata).latent()
+
+
+def test_unknown_likelihood(toy_adata):
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        VAE(toy_adata, likelihood="gaussian")
+
+
+def test_embedded_dataset_ships_with_labels():
+    adata = pyrosc.datasets.pbmc3k()
+    assert adata.shape == (2700, 32738)
+    assert adata.obs["cell_type"].nunique() == 9
+    assert adata.obs["cell_type"].isna().sum() == 62
+    assert adata.X.dtype.kind == "i"

@@ -1,0 +1,51 @@
+"""The command line: a short fit on a small file writes every promised output."""
+
+from __future__ import annotations
+
+import anndata as ad
+import pytest
+from conftest import simulate_counts
+
+from pyrosc.cli import main, select_genes
+
+
+def test_fit_writes_model_h5ad_figures_and_summary(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=200, n_genes=60).write_h5ad(data)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "fit", str(data), "--out", str(out), "--epochs", "3", "--n-top-genes", "30",
+            "--n-samples", "5", "--no-progress", "--likelihood", "zinb",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    for name in ("model/config.json", "model/model.pt", "pyrosc.h5ad", "training_curve.png"):
+        assert (out / name).exists(), name
+    assert (out / "umap.png").stat().st_size > 1000
+    result = ad.read_h5ad(out / "pyrosc.h5ad")
+    assert result.n_vars == 30
+    assert {"X_pyrosc", "X_umap"} <= set(result.obsm) and "leiden" in result.obs
+    printed = capsys.readouterr().out
+    for line in ("held-out log-likelihood per cell", "ARI (Leiden vs cell_type)", "wall seconds"):
+        assert line in printed
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=50, n_genes=20).write_h5ad(data)
+    code = main(["fit", str(data), "--layer", "counts", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "layer" in capsys.readouterr().err
+
+
+def test_select_genes_keeps_raw_counts_of_the_most_variable(toy_adata):
+    selected = select_genes(toy_adata, 10, None)
+    assert selected.n_vars == 10
+    sub = toy_adata[:, selected.var_names]
+    assert (selected.X != sub.X).nnz == 0
+
+
+@pytest.mark.slow
+def test_default_dataset_end_to_end(tmp_path):
+    assert main(["fit", "--out", str(tmp_path), "--epochs", "2", "--no-progress"]) == 0

@@ -1,0 +1,186 @@
+"""The trainer: isolation of fits, seeding, warm-up and free bits as effect handlers, stopping."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from pyrosc import VAE, evaluate
+from pyrosc.data import from_anndata
+from pyrosc.guides import vae_guide
+from pyrosc.models import vae_model
+from pyrosc.nets import CountDecoder, GaussianEncoder
+from pyrosc.train import ScaleLatents, free_bits_loss, resolve_device, train
+
+
+def snapshot(model: VAE) -> dict[str, torch.Tensor]:
+    with model._scope() as (_, _, networks):
+        store = pyro.get_param_store()
+        params = {name: store[name].detach().clone() for name in store.keys()}
+    params.update({k: v.clone() for k, v in networks.state_dict().items()})
+    return params
+
+
+def test_two_fits_never_share_parameters(toy_adata):
+    first = VAE(toy_adata, n_latent=3, n_hidden=16).fit(max_epochs=3, progress=False)
+    before = snapshot(first)
+    latent_before = first.latent()
+    second = VAE(toy_adata.copy(), likelihood="zinb", n_latent=3, n_hidden=16)
+    second.fit(max_epochs=3, progress=False, seed=1)
+    after = snapshot(first)
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(before[name], after[name], rtol=0, atol=0)
+    np.testing.assert_array_equal(first.latent(), latent_before)
+    assert len(pyro.get_param_store().keys()) == 0  # nothing leaks into the global store
+    assert "inverse_dispersion" in snapshot(second)
+
+
+def test_same_seed_same_history_and_latent(toy_adata):
+    a = VAE(toy_adata, n_latent=3, n_hidden=16).fit(max_epochs=2, progress=False, seed=5)
+    b = VAE(toy_adata.copy(), n_latent=3, n_hidden=16).fit(max_epochs=2, progress=False, seed=5)
+    np.testing.assert_allclose(a.history["train_elbo"], b.history["train_elbo"])
+    np.testing.assert_array_equal(a.latent(), b.latent())
+
+
+def test_a_last_minibatch_of_one_cell_does_not_crash(toy_adata):
+    # 129 training cells with batch 128 would leave one cell for BatchNorm.
+    adata = toy_adata[:129].copy()
+    model = VAE(adata, n_latent=3, n_hidden=16)
+    model.fit(max_epochs=2, batch_size=128, validation_fraction=0, progress=False)
+    assert len(model.history) == 2
+
+
+def test_history_columns_and_elbo_improves(toy_adata):
+    model = VAE(toy_adata, n_latent=3, n_hidden=16).fit(max_epochs=15, progress=False, lr=1e-2)
+    history = model.history
+    assert list(history.columns) == [
+        "epoch",
+        "kl_weight",
+        "train_elbo",
+        "validation_elbo",
+        "seconds",
+    ]
+    assert history["validation_elbo"].iloc[-1] > history["validation_elbo"].iloc[0]
+    assert history["train_elbo"].iloc[-1] > history["train_elbo"].iloc[0]
+
+
+def test_early_stopping_keeps_the_best_validation_parameters(toy_adata):
+    model = VAE(toy_adata, n_latent=3, n_hidden=16)
+    # A large lr on 216 cells: the validation ELBO soon stops improving.
+    model.fit(max_epochs=100, lr=0.03, early_stopping=True, patience=3, progress=False)
+    history = model.history
+    assert len(history) < 100
+    assert history["validation_elbo"].notna().all()
+    best = model.train_result.best_epoch
+    assert history.loc[history["epoch"] == best, "validation_elbo"].item() == pytest.approx(
+        history["validation_elbo"].max()
+    )
+    validation = toy_adata[model.train_result.validation_index]
+    np.testing.assert_allclose(
+        model.elbo(validation, n_samples=300).mean(), history["validation_elbo"].max(), atol=3.0
+    )
+
+
+def test_kl_warmup_scales_latent_sites_in_model_and_guide(toy_adata):
+    data = from_anndata(toy_adata)
+    decoder, encoder = CountDecoder(3, data.n_genes, 8), GaussianEncoder(data.n_genes, 3, 8)
+    model = partial(vae_model, decoder=decoder)
+    guide = partial(vae_guide, encoder=encoder)
+    batch = data.minibatch(np.arange(10))
+    kwargs = {"counts": batch["counts"], "library": batch["library"]}
+    guide_trace = poutine.trace(ScaleLatents(0.25)(guide)).get_trace(**kwargs)
+    model_trace = poutine.trace(poutine.replay(ScaleLatents(0.25)(model), guide_trace)).get_trace(
+        **kwargs
+    )
+    assert guide_trace.nodes["z"]["scale"] == 0.25
+    assert model_trace.nodes["z"]["scale"] == 0.25
+    assert model_trace.nodes["counts"]["scale"] == 1.0
+
+
+def test_warmup_weight_rises_linearly(toy_adata):
+    model = VAE(toy_adata, n_latent=3, n_hidden=16)
+    model.fit(max_epochs=6, kl_warmup_epochs=4, progress=False)
+    np.testing.assert_allclose(model.history["kl_weight"], [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def _loss_pair(toy_adata):
+    data = from_anndata(toy_adata)
+    encoder = GaussianEncoder(data.n_genes, 3, 8, dropout=0.0)
+    decoder = CountDecoder(3, data.n_genes, 8)
+    encoder.eval(), decoder.eval()
+    model = partial(vae_model, decoder=decoder)
+    guide = partial(vae_guide, encoder=encoder)
+    batch = data.minibatch(np.arange(32))
+    return model, guide, encoder, {"counts": batch["counts"], "library": batch["library"]}
+
+
+def test_free_bits_zero_is_the_plain_elbo(toy_adata):
+    model, guide, _, kwargs = _loss_pair(toy_adata)
+    pyro.set_rng_seed(0)
+    plain = Trace_ELBO().loss(model, guide, **kwargs)
+    pyro.set_rng_seed(0)
+    free = free_bits_loss(0.0)(model, guide, **kwargs).item()
+    assert free == pytest.approx(plain, rel=1e-6)
+
+
+def test_free_bits_adds_the_shortfall_and_silences_the_kl_gradient(toy_adata):
+    model, guide, encoder, kwargs = _loss_pair(toy_adata)
+    budget = 1e4  # far above any dimension's KL: every dimension is under budget
+    pyro.set_rng_seed(0)
+    plain = free_bits_loss(0.0)(model, guide, **kwargs)
+    pyro.set_rng_seed(0)
+    free = free_bits_loss(budget)(model, guide, **kwargs)
+    # loss = reconstruction + sum_d max(KL_d, budget) per cell -> reconstruction + 3 * budget.
+    pyro.set_rng_seed(0)
+    guide_trace, model_trace = evaluate.trace_pair(model, guide, kwargs)
+    kl = (guide_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]).sum()) - (
+        model_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]).sum()
+    )
+    expected = plain.item() - kl.item() + 32 * 3 * budget
+    assert free.item() == pytest.approx(expected, rel=1e-5)
+    # Under budget, the KL term has no gradient: only the reconstruction pulls on the encoder's
+    # scale head, so the scale gradient equals that of the reconstruction alone.
+    encoder.zero_grad()
+    free.backward()
+    grad_free = encoder.log_variance.weight.grad.clone()
+    encoder.zero_grad()
+    pyro.set_rng_seed(0)  # the same draws as `free`
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(**kwargs)
+        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(**kwargs)
+    reconstruction = model_trace.nodes["counts"]["fn"].log_prob(kwargs["counts"]).sum()
+    (-reconstruction).backward()
+    torch.testing.assert_close(encoder.log_variance.weight.grad, grad_free, rtol=1e-4, atol=1e-5)
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda'"):
+        resolve_device("tpu")
+
+
+def test_divergence_is_reported(toy_adata):
+    model = VAE(toy_adata, n_latent=3, n_hidden=16)
+    with pytest.raises((FloatingPointError, ValueError), match="diverged|Expected parameter"):
+        model.fit(max_epochs=30, lr=50.0, progress=False)
+
+
+def test_bad_training_options(toy_adata):
+    data = from_anndata(toy_adata)
+    model = partial(vae_model, decoder=CountDecoder(3, data.n_genes, 8))
+    guide = partial(vae_guide, encoder=GaussianEncoder(data.n_genes, 3, 8))
+    with pytest.raises(ValueError, match="early_stopping needs validation cells"):
+        train(model, guide, data, early_stopping=True, validation_fraction=0, progress=False)
+    with pytest.raises(ValueError, match="max_epochs must be at least 1"):
+        train(model, guide, data, max_epochs=0, progress=False)
