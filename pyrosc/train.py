@@ -127,10 +127,12 @@ def _adam(lr: float) -> torch.optim.Adam:
     """One Adam over every parameter in the (current) Pyro parameter store.
 
     Pyro's own ``pyro.optim.Adam`` keeps one optimiser per parameter tensor; a single
-    multi-tensor Adam does the same arithmetic with less Python work per step.
+    multi-tensor Adam does the same arithmetic with less Python work per step. ``eps=0.01``
+    and ``weight_decay=1e-6`` are scvi-tools' settings; with the loss taken per cell (as
+    :func:`train` does) they act as they do there.
     """
     params = [p for _, p in pyro.get_param_store().named_parameters()]
-    return torch.optim.Adam(params, lr=lr, foreach=True)
+    return torch.optim.Adam(params, lr=lr, eps=0.01, weight_decay=1e-6, foreach=True)
 
 
 def has_enumerated_sites(model: Callable, guide: Callable, kwargs: dict) -> bool:
@@ -275,7 +277,9 @@ def train(
             if optimizer is None:  # parameters exist once the pair has run
                 optimizer = _adam(lr)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # The minibatch estimates the loss of all training cells; per cell it has the
+            # scale scvi-tools optimises, which Adam's eps is relative to.
+            (loss / train_data.n_cells).backward()
             optimizer.step()
             total_loss += loss.detach()
         total_loss = float(total_loss)
