@@ -5,9 +5,9 @@ Analysts use the classes (``pyrosc.VAE``); statisticians use the functions under
 """
 
 from pyrosc import datasets
-from pyrosc.api import VAE
+from pyrosc.api import GMVAE, VAE
 from pyrosc.data import from_anndata
 from pyrosc.train import train
 
-__all__ = ["VAE", "datasets", "from_anndata", "train"]
+__all__ = ["GMVAE", "VAE", "datasets", "from_anndata", "train"]
 __version__ = "0.1.0"

@@ -103,29 +103,35 @@ def check_local(model: Callable, guide: Callable, kwargs: dict) -> None:
 
 
 def _per_cell_log_prob(site: dict, rank: int) -> Tensor:
-    """A site's log-density summed over every dimension but particles and cells.
+    """A site's log-density summed over every plate but particles and cells.
 
-    Returns ``(particles, cells)``, or something broadcastable to it.
+    Returns ``(enumeration..., particles, cells)``: any dimensions left of the ``rank`` plate
+    dimensions are enumeration dimensions (discrete values summed out exactly); sizes of 1
+    broadcast.
     """
-    frames = {frame.name: frame for frame in site["cond_indep_stack"] if frame.vectorized}
     log_prob = site["fn"].log_prob(site["value"])
-    if log_prob.dim() > rank:
-        raise ValueError(
-            f"sample site {site['name']!r} has more batch dimensions than plates; "
-            "mark the gene axis with .to_event(1)"
-        )
     log_prob = log_prob.reshape((1,) * (rank - log_prob.dim()) + log_prob.shape)
-    keep = {0, rank + frames["cells"].dim}  # positions of the particle and cell dimensions
-    summed = [d for d in range(rank) if d not in keep]
-    if summed:
-        log_prob = log_prob.sum(dim=summed)
-    return log_prob.reshape(log_prob.shape[0], log_prob.shape[-1])
+    cells_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == "cells")
+    other_plates = [
+        f.dim
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.name not in ("cells", "particles")
+    ]
+    if other_plates:  # e.g. a plate of genes inside the cells: a cell's share is their sum
+        log_prob = log_prob.sum(dim=other_plates, keepdim=True)
+    enumeration = log_prob.shape[: log_prob.dim() - rank]
+    return log_prob.reshape(*enumeration, log_prob.shape[-rank], log_prob.shape[cells_dim])
 
 
 def log_importance_weights(
     model: Callable, guide: Callable, minibatch: dict[str, Tensor], n_samples: int
 ) -> Tensor:
     """Per-cell ``log p(x, z_k) - log q(z_k | x)`` for ``n_samples`` draws ``z_k ~ q``.
+
+    Discrete sites marked for enumeration are summed out exactly, as ``TraceEnum_ELBO`` does:
+    one enumerated only in the model contributes ``log sum_y p(y) p(z | y)``; one enumerated
+    in the guide gives the stratified weight ``sum_y p(x, y, z_y) / q(z_y | x, y)``, whose
+    expectation is p(x) (its ``q(y | x)`` factor cancels, so it is not scored).
 
     Args:
         model, guide: a pair following the pyrosc contract.
@@ -135,23 +141,127 @@ def log_importance_weights(
     Returns:
         ``(n_samples, cells)`` log weights.
     """
+    return _log_joint(model, guide, minibatch, n_samples).logsumexp(dim=0)
+
+
+def _enumerated_traces(
+    model: Callable,
+    guide: Callable,
+    minibatch: dict[str, Tensor],
+    n_samples: int,
+    at_mean: bool = False,
+) -> tuple[poutine.Trace, poutine.Trace, int]:
+    """Guide and model traces under a ``particles`` plate, enumerating as TraceEnum_ELBO does:
+    the guide's enumerated sites left of the plates, the model's left of the guide's.
+
+    With ``at_mean``, continuous latents take their guide means instead of random draws.
+    Returns the traces and the number of plate dimensions (particles included).
+    """
     model_args = model_kwargs(model, minibatch, None)
     guide_args = model_kwargs(guide, minibatch, None)
-    nesting = max_plate_nesting(model, guide, guide_args | model_args)
-    rank = nesting + 1
+    rank = max_plate_nesting(model, guide, guide_args | model_args) + 1
+    guide = poutine.enum(guide, first_available_dim=-1 - rank)
+    model = poutine.enum(model)
     with poutine.block(), pyro.plate("particles", n_samples, dim=-rank):
         guide_trace = poutine.trace(guide).get_trace(**guide_args)
+        if at_mean:
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample" and site["fn"].has_rsample:
+                    site["value"] = site["fn"].mean
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             **model_args
         )
+    return guide_trace, model_trace, rank
+
+
+def _is_enumerated(site: dict) -> bool:
+    return site["infer"].get("_enumerate_dim") is not None
+
+
+def _log_joint(
+    model: Callable,
+    guide: Callable,
+    minibatch: dict[str, Tensor],
+    n_samples: int,
+    at_mean: bool = False,
+) -> Tensor:
+    """``log p(x, y, z_k) - log q(z_k | x)`` per enumerated configuration y of the discrete
+    sites: ``(configurations, n_samples, cells)`` (one configuration without discrete sites).
+    """
+    guide_trace, model_trace, rank = _enumerated_traces(model, guide, minibatch, n_samples, at_mean)
     n_batch = minibatch["counts"].shape[0]
-    log_weights = minibatch["counts"].new_zeros(n_samples, n_batch)
+    log_joint = minibatch["counts"].new_zeros(n_samples, n_batch)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            log_weights = log_weights + sign * _per_cell_log_prob(site, rank)
-    return log_weights
+            if trace is guide_trace and _is_enumerated(site):
+                continue
+            log_joint = log_joint + sign * _per_cell_log_prob(site, rank)
+    return log_joint.reshape(-1, n_samples, n_batch)
+
+
+@torch.no_grad()
+def posterior_mean(
+    guide: Callable, minibatch: dict[str, Tensor], site: str = "z", nesting: int = 1
+) -> Tensor:
+    """The guide's mean of a continuous site, ``E_q[z]``: ``(cells, dims)``.
+
+    Discrete sites that the guide enumerates (as scVAE's ``q(y | x) q(z | x, y)``) are averaged
+    over exactly: ``sum_y q(y | x) E_q[z | x, y]``.
+
+    Args:
+        guide: a guide following the pyrosc contract.
+        minibatch: from :meth:`CountData.minibatch`.
+        site: the site's name.
+        nesting: the plates the guide nests (1: only ``cells``).
+    """
+    guide = poutine.enum(guide, first_available_dim=-1 - nesting)
+    with poutine.block():
+        trace = poutine.trace(guide).get_trace(**model_kwargs(guide, minibatch, None))
+    mean = trace.nodes[site]["fn"].mean
+    log_weight = mean.new_zeros(())
+    for node in trace.nodes.values():
+        if node["type"] == "sample" and _is_enumerated(node):
+            log_weight = log_weight + node["fn"].log_prob(node["value"])
+    weight = log_weight.exp().unsqueeze(-1)
+    n_leading = max(0, (weight * mean).dim() - 2)
+    return (weight * mean).sum(dim=tuple(range(n_leading))) if n_leading else mean
+
+
+@torch.no_grad()
+def discrete_posterior(
+    model: Callable,
+    guide: Callable,
+    data: CountData,
+    site: str,
+    *,
+    networks: nn.Module | None = None,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Posterior probabilities of an enumerated discrete site (e.g. the GMVAE's cluster ``y``).
+
+    If the guide enumerates the site, this is the guide's ``q(y | x)``. If only the model does,
+    it is ``p(y | z, x)`` at the guide's mean of the continuous latents: the site's enumerated
+    log-joint, normalised over its values.
+
+    Returns:
+        ``(cells, n_values)`` float64 probabilities; each row sums to one.
+    """
+    chunks = []
+    with eval_mode(networks):
+        for start in range(0, data.n_cells, batch_size):
+            minibatch = data.minibatch(
+                np.arange(start, min(start + batch_size, data.n_cells)), device
+            )
+            guide_trace, _, _ = _enumerated_traces(model, guide, minibatch, 1, at_mean=True)
+            if site in guide_trace.nodes:
+                probs = guide_trace.nodes[site]["fn"].probs
+            else:
+                probs = _log_joint(model, guide, minibatch, 1, at_mean=True)[:, 0].softmax(dim=0).T
+            chunks.append(probs.reshape(minibatch["counts"].shape[0], -1).cpu())
+    return torch.cat(chunks).double().numpy()
 
 
 def _chunks(data: CountData, n_samples: int, batch_size: int | None) -> Iterator[np.ndarray]:

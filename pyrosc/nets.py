@@ -73,8 +73,9 @@ class MLP(nn.Module):
         """``(..., n_input)`` [and ``(..., n_covariates)`` codes] -> ``(..., n_hidden)``."""
         one_hots = one_hot_covariates(covariates, self.covariate_sizes)
         if one_hots:
-            # Covariates index cells; under enumeration x may carry extra leading dimensions.
-            shape = x.shape[:-1]
+            # Under enumeration either side may carry extra leading dimensions: broadcast.
+            shape = torch.broadcast_shapes(x.shape[:-1], *(h.shape[:-1] for h in one_hots))
+            x = x.expand(*shape, x.shape[-1])
             one_hots = [h.expand(*shape, h.shape[-1]) for h in one_hots]
         for linear, norm in zip(self.linears, self.norms, strict=True):
             h = linear(torch.cat([x, *one_hots], dim=-1)) if one_hots else linear(x)
@@ -151,3 +152,29 @@ class CountDecoder(nn.Module):
         proportions = F.softmax(self.proportion_logits(h), dim=-1)
         gate_logits = self.gate_logits(h) if self.gate_logits is not None else None
         return proportions, gate_logits
+
+
+class Classifier(nn.Module):
+    """Amortized categorical posterior: features -> logits over ``n_classes``.
+
+    Args:
+        n_input: input features.
+        n_classes: categories.
+        n_hidden, n_layers, dropout: as :class:`MLP`.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_classes: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.body = MLP(n_input, n_hidden, n_layers, dropout)
+        self.logits = nn.Linear(n_hidden, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., n_input)`` -> ``(..., n_classes)`` logits."""
+        return self.logits(self.body(x))

@@ -1,5 +1,6 @@
 """Generative models: one Pyro function per file, reading like the math in its docstring."""
 
+from pyrosc.models.gmvae import gmvae_model
 from pyrosc.models.vae import vae_model
 
-__all__ = ["vae_model"]
+__all__ = ["gmvae_model", "vae_model"]

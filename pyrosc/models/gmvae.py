@@ -1,0 +1,73 @@
+"""The Gaussian-mixture VAE of scVAE (Grønbech et al. 2020): unsupervised clusters ``y`` next to
+the continuous latent ``z``, with ``y`` summed out exactly by ``TraceEnum_ELBO``."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+from torch import Tensor
+from torch.distributions import constraints
+
+from pyrosc.likelihoods import count_distribution, uses_dispersion
+from pyrosc.nets import CountDecoder
+from pyrosc.plates import cells_plate
+
+MIXTURE_WEIGHTS = ("uniform", "learned")
+
+
+def gmvae_model(
+    counts: Tensor,
+    library: Tensor,
+    n_cells: int | None = None,
+    *,
+    decoder: CountDecoder,
+    component_locs_init: Tensor,
+    likelihood: str = "nb",
+    mixture_weights: str = "uniform",
+) -> None:
+    """Generative model of the counts ``x`` of cell ``n``::
+
+        y_n      ~ Categorical(w)                        cluster, one of K
+        z_n      ~ Normal(mu_{y_n}, diag sigma_{y_n}^2)  latent state, (n_latent,)
+        rho_n    = softmax(f(z_n))                       expression proportions, (genes,)
+        x_ng     ~ Likelihood(l_n rho_ng, theta_g, pi_ng)
+
+    ``y`` is marked for parallel enumeration: ``TraceEnum_ELBO`` sums it out exactly (a vector
+    of K values, an extra dimension on the left), so it is never sampled during training.
+    The mixture weights ``w`` are uniform or a learned point on the simplex; the component
+    means ``mu`` and scales ``sigma`` are learned parameters.
+
+    Args:
+        counts: ``(batch, genes)`` observed counts.
+        library: ``(batch,)`` total count of each cell.
+        n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
+        decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportions and gates.
+        component_locs_init: ``(K, n_latent)`` initial component means (distinct, to break
+            the symmetry between components).
+        likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
+        mixture_weights: ``"uniform"`` or ``"learned"``.
+    """
+    pyro.module("decoder", decoder)
+    n_clusters, n_latent = component_locs_init.shape
+    weights = counts.new_full((n_clusters,), 1.0 / n_clusters)
+    if mixture_weights == "learned":
+        weights = pyro.param("mixture_weights", weights, constraint=constraints.simplex)
+    component_locs = pyro.param("component_locs", component_locs_init.to(counts))
+    component_scales = pyro.param(
+        "component_scales", counts.new_ones(n_clusters, n_latent), constraint=constraints.positive
+    )
+    inverse_dispersion = None
+    if uses_dispersion(likelihood):
+        inverse_dispersion = pyro.param(
+            "inverse_dispersion", counts.new_ones(counts.shape[-1]), constraint=constraints.positive
+        )
+    with cells_plate(counts, n_cells):
+        y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(component_locs[y], component_scales[y]).to_event(1))
+        proportions, gate_logits = decoder(z)
+        mean = library.unsqueeze(-1) * proportions
+        pyro.sample(
+            "counts",
+            count_distribution(likelihood, mean, inverse_dispersion, gate_logits).to_event(1),
+            obs=counts,
+        )
