@@ -179,10 +179,7 @@ class PyroscModel:
             for start in range(0, data.n_cells, batch_size):
                 index = np.arange(start, min(start + batch_size, data.n_cells))
                 minibatch = data.minibatch(index, self.device)
-                trace = poutine.trace(guide).get_trace(
-                    **evaluate.model_kwargs(guide, minibatch, None)
-                )
-                chunks.append(trace.nodes["z"]["fn"].mean.cpu())
+                chunks.append(evaluate.posterior_mean(guide, minibatch, "z").cpu())
         latent = torch.cat(chunks).numpy()
         adata.obsm[_LATENT_KEY] = latent
         return latent
