@@ -18,7 +18,7 @@ import numpy as np
 from pyrosc.data import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
 
-MODELS = ("vae",)
+MODELS = ("vae", "gmvae")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("data", nargs="?", help=".h5ad file of raw counts (default: PBMC 3k)")
     fit.add_argument("--model", choices=MODELS, default="vae")
     fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb")
+    fit.add_argument(
+        "--n-clusters", type=int, default=10, help="GMVAE mixture components (default: %(default)s)"
+    )
+    fit.add_argument(
+        "--guide",
+        choices=("marginal", "scvae"),
+        default="marginal",
+        help="GMVAE guide (default: %(default)s)",
+    )
     fit.add_argument("--out", default="pyrosc_out", help="output directory (default: %(default)s)")
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     fit.add_argument(
@@ -91,7 +100,7 @@ def select_genes(adata: ad.AnnData, n_top_genes: int, layer: str | None) -> ad.A
     return adata[:, view.var_names[view.var["highly_variable"].to_numpy()]].copy()
 
 
-def _save_figures(out: Path, adata: ad.AnnData, history, labels_key: str | None) -> None:
+def _save_figures(out: Path, adata: ad.AnnData, history, colors: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +120,6 @@ def _save_figures(out: Path, adata: ad.AnnData, history, labels_key: str | None)
     fig.savefig(out / "training_curve.png", dpi=120)
     plt.close(fig)
 
-    colors = ["leiden"] + ([labels_key] if labels_key else [])
     fig = sc.pl.umap(adata, color=colors, show=False, return_fig=True, wspace=0.5)
     fig.savefig(out / "umap.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -123,7 +131,7 @@ def fit_command(args: argparse.Namespace) -> int:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from pyrosc import VAE, datasets
+    from pyrosc import GMVAE, VAE, datasets
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -146,15 +154,12 @@ def fit_command(args: argparse.Namespace) -> int:
         adata = adata[~empty].copy()
     print(f"  modelling {adata.n_vars} genes of {adata.n_obs} cells")
 
-    model = VAE(
-        adata,
-        likelihood=args.likelihood,
-        layer=args.layer,
-        labels_key=labels_key,
-        n_latent=args.n_latent,
-        n_hidden=args.n_hidden,
-        n_layers=args.n_layers,
-    )
+    sizes = {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "n_layers": args.n_layers}
+    common = {"likelihood": args.likelihood, "layer": args.layer, "labels_key": labels_key}
+    if args.model == "gmvae":
+        model = GMVAE(adata, n_clusters=args.n_clusters, guide=args.guide, **common, **sizes)
+    else:
+        model = VAE(adata, **common, **sizes)
     print(f"Fitting a {args.likelihood.upper()} {args.model.upper()} for {args.epochs} epochs")
     fit_started = time.perf_counter()
     model.fit(
@@ -188,18 +193,21 @@ def fit_command(args: argparse.Namespace) -> int:
     sc.tl.leiden(adata, resolution=1.0, flavor="igraph", n_iterations=2, random_state=args.seed)
     sc.tl.umap(adata, random_state=args.seed)
     summary["Leiden clusters"] = adata.obs["leiden"].nunique()
+    cluster_keys = ["leiden"]
+    if args.model == "gmvae":
+        model.clusters()
+        cluster_keys.append("pyrosc_cluster")
+        summary["GMVAE clusters used"] = adata.obs["pyrosc_cluster"].nunique()
     if labels_key:
         labelled = adata.obs[labels_key].notna().to_numpy()
-        summary[f"ARI (Leiden vs {labels_key})"] = round(
-            adjusted_rand_score(
-                adata.obs[labels_key][labelled].astype(str), adata.obs["leiden"][labelled]
-            ),
-            3,
-        )
+        truth = adata.obs[labels_key][labelled].astype(str)
+        for key in cluster_keys:
+            score = adjusted_rand_score(truth, adata.obs[key][labelled])
+            summary[f"ARI ({key} vs {labels_key})"] = round(score, 3)
 
     model.save(out / "model")
     adata.write_h5ad(out / "pyrosc.h5ad", compression="gzip")
-    _save_figures(out, adata, model.history, labels_key)
+    _save_figures(out, adata, model.history, cluster_keys + ([labels_key] if labels_key else []))
     summary["wall seconds"] = round(time.perf_counter() - started, 1)
     summary["threads"] = torch.get_num_threads()
 

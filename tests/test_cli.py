@@ -27,8 +27,18 @@ def test_fit_writes_model_h5ad_figures_and_summary(tmp_path, capsys):
     assert result.n_vars == 30
     assert {"X_pyrosc", "X_umap"} <= set(result.obsm) and "leiden" in result.obs
     printed = capsys.readouterr().out
-    for line in ("held-out log-likelihood per cell", "ARI (Leiden vs cell_type)", "wall seconds"):
+    for line in ("held-out log-likelihood per cell", "ARI (leiden vs cell_type)", "wall seconds"):
         assert line in printed
+
+
+def test_fit_gmvae_reports_its_own_clusters(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=150, n_genes=30).write_h5ad(data)
+    args = ["fit", str(data), "--model", "gmvae", "--n-clusters", "3", "--out", str(tmp_path / "o")]
+    assert main([*args, "--epochs", "2", "--n-samples", "3", "--no-progress"]) == 0
+    result = ad.read_h5ad(tmp_path / "o" / "pyrosc.h5ad")
+    assert "pyrosc_cluster" in result.obs and "pyrosc_cluster_probs" in result.obsm
+    assert "ARI (pyrosc_cluster vs cell_type)" in capsys.readouterr().out
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
