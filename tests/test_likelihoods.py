@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import pyro
@@ -14,7 +15,7 @@ from scipy import special, stats
 
 from pyrosc.likelihoods import (
     LIKELIHOODS,
-    StableNegativeBinomial,
+    NegativeBinomial,
     count_distribution,
     uses_dispersion,
     uses_gate,
@@ -107,10 +108,11 @@ def test_float32_log_prob_is_finite_and_close(likelihood: str) -> None:
     """Training runs in float32: the grid must stay finite, and close to the float64 truth.
 
     Pyro's own NegativeBinomial is off by 0.8 nats (82 %) at theta = 1e6, x = 1 in float32;
-    StableNegativeBinomial is within a few 1e-6 there. The remaining float32 error is rounding
-    of terms of size ~|log p| (and, for the Poisson at x = 1e5, of x log mu ~ 1e6). The small
-    absolute floor is for zero-inflated zeros with log p ~ -1e-4: Pyro forms them as
-    log(pi) + softplus(...), two terms of size ~0.1 whose float32 rounding is ~1e-7.
+    pyrosc's NegativeBinomial is within 1e-7 there. The
+    remaining float32 error is rounding of terms of size ~|log p| (and, for the Poisson at
+    x = 1e5, of x log mu ~ 1e6). The small absolute floor is for zero-inflated zeros with
+    log p ~ -1e-4: they are formed (as Pyro does) as log(pi) + softplus(...), two terms of size
+    ~0.1 whose float32 rounding is ~1e-7.
     """
     grid = parameter_grid(likelihood)
     log_prob = pyrosc_log_prob(grid, likelihood, torch.float32)
@@ -232,16 +234,6 @@ def test_gradients_match_finite_differences(likelihood: str) -> None:
     assert torch.autograd.gradcheck(log_prob, inputs)
 
 
-def test_stable_negative_binomial_agrees_with_pyro_in_float64() -> None:
-    """The subclass only changes how the log binomial coefficient is rounded."""
-    value = torch.tensor([0.0, 1.0, 3.0, 40.0, 1e3]).double()
-    total_count = torch.tensor([0.05, 2.0, 9.99, 10.0, 5e4]).double()
-    logits = torch.tensor([-3.0, 0.1, 1.0, -0.5, 2.0]).double()
-    ours = StableNegativeBinomial(total_count, logits=logits).log_prob(value)
-    pyros = dist.NegativeBinomial(total_count, logits=logits).log_prob(value)
-    torch.testing.assert_close(ours, pyros, rtol=1e-10, atol=0)
-
-
 def test_which_likelihoods_use_which_parameters() -> None:
     assert [uses_dispersion(name) for name in LIKELIHOODS] == [False, True, False, True]
     assert [uses_gate(name) for name in LIKELIHOODS] == [False, False, True, True]
@@ -284,3 +276,150 @@ def test_missing_or_unused_parameters_are_named(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         count_distribution(likelihood, torch.ones(3), **given)
+
+
+# The NB log-probability takes a fast path when theta is one value per gene and the batch has
+# at least as many rows as the per-gene tables (32): it looks the lgamma terms, which depend
+# on theta and the count only, up in per-gene tables instead of computing lgamma and digamma
+# per element. The grids above are 1-d, so they test the general path; the tests below
+# compare the two.
+
+
+def per_gene_batch(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A (64, genes) batch over the grid's means and thetas, one (mean, theta) per gene.
+
+    Rows hold counts 0..47 (so some are beyond the tables), 1e5, and a few non-integers (the
+    log-probability is defined for them too, and they must not be looked up in the tables).
+    """
+    means, thetas = zip(*itertools.product(MEANS, THETAS), strict=True)
+    counts = list(range(48)) + [60.0, 100.0, 1e3, 1e5, 0.5, 2.25, 31.5, 40.5]
+    counts += [0.0, 1.0, 2.0, 3.0, 1.0, 0.0, 5.0, 2.0]
+    value = torch.tensor(counts, dtype=dtype)[:, None].expand(-1, len(means)).clone()
+    mean = torch.tensor(means, dtype=dtype).expand(value.shape).clone()
+    # Spread the means within each gene, so that every row is a different (count, mean) pair.
+    mean *= torch.linspace(0.5, 2.0, value.shape[0], dtype=dtype)[:, None]
+    return {"value": value, "mean": mean, "inverse_dispersion": torch.tensor(thetas, dtype=dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nb_per_gene_theta_equals_theta_expanded_to_the_batch(dtype: torch.dtype) -> None:
+    """Log-probabilities and gradients with a (genes,) theta equal those with (batch, genes)."""
+    batch = per_gene_batch(dtype)
+    value = batch.pop("value")
+
+    def log_prob_and_gradients(theta: torch.Tensor) -> list[torch.Tensor]:
+        mean = batch["mean"].clone().requires_grad_()
+        theta = theta.clone().requires_grad_()
+        # (Validation would reject the non-integer counts.)
+        log_prob = NegativeBinomial(mean, theta, validate_args=False).log_prob(value)
+        # A weighted sum, so that each element's gradient is tested, not only their sum.
+        weights = torch.linspace(-1.0, 2.0, value.numel(), dtype=dtype).reshape(value.shape)
+        (log_prob * weights).sum().backward()
+        return [
+            log_prob.detach(),
+            mean.grad,
+            theta.grad.sum_to_size(batch["inverse_dispersion"].shape),
+        ]
+
+    theta = batch["inverse_dispersion"]
+    per_gene = log_prob_and_gradients(theta)
+    per_cell = log_prob_and_gradients(theta.expand(value.shape))
+    tolerance = (
+        {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    )
+    for ours, theirs in zip(per_gene, per_cell, strict=True):
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nb_per_gene_theta_matches_scipy(dtype: torch.dtype) -> None:
+    """The table path against scipy, on the integer counts of per_gene_batch.
+
+    float64 to 1e-6 as on the grid (scipy's own error is ~1e-7 at theta = 1e6, mu = 5e-4), and
+    float32 to 1e-5: all of its terms are of the size of the result or smaller.
+    """
+    batch = per_gene_batch(dtype)
+    value = batch.pop("value")
+    integer = value == value.round()
+    value = torch.where(integer, value, 0.0)
+    log_prob = count_distribution("nb", **batch).log_prob(value).double().numpy()
+    expected = scipy_log_prob(
+        value.double().numpy(),
+        batch["mean"].double().numpy(),
+        batch["inverse_dispersion"].double().expand(value.shape).numpy(),
+    )
+    rtol = 1e-6 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(log_prob, expected, rtol=rtol, atol=1e-6)
+
+
+def test_nb_per_gene_gradients_match_finite_differences() -> None:
+    """gradcheck on the table path: counts 0..31 from the tables, 32 and 40.5 without."""
+    value = torch.cat([torch.arange(33.0), torch.tensor([40.5])]).double()[:, None].expand(-1, 3)
+    mean = (torch.rand(value.shape, generator=torch.Generator().manual_seed(0)) * 30 + 0.1).double()
+    theta = torch.tensor([0.2, 9.5, 1e3], dtype=torch.float64)
+
+    def log_prob(mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return NegativeBinomial(mean, theta, validate_args=False).log_prob(value)
+
+    assert torch.autograd.gradcheck(log_prob, (mean.requires_grad_(), theta.requires_grad_()))
+
+
+def test_nb_gradient_in_the_counts_matches_finite_differences() -> None:
+    """Counts are data, but a value that requires grad still gets a correct gradient."""
+    value = torch.tensor([0.5, 1.0, 7.0, 12.0, 300.0], dtype=torch.float64, requires_grad=True)
+    mean = torch.tensor([0.3, 2.0, 9.0, 15.0, 250.0], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([0.2, 9.5, 10.5, 1e3, 3.0], dtype=torch.float64, requires_grad=True)
+
+    def log_prob(value: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return NegativeBinomial(mean, theta, validate_args=False).log_prob(value)
+
+    assert torch.autograd.gradcheck(log_prob, (value, mean, theta))
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+@pytest.mark.parametrize("bad", [-1.0, 0.5, float("inf"), float("nan")])
+def test_validation_rejects_values_outside_the_support(likelihood: str, bad: float) -> None:
+    """With validation on (Pyro's default), as Pyro's own support check does."""
+    parameters = {"inverse_dispersion": torch.ones(2)}
+    if uses_gate(likelihood):
+        parameters["gate_logits"] = torch.zeros(2)
+    distribution = count_distribution(likelihood, torch.ones(2), **parameters)
+    with pytest.raises(ValueError, match="support"):
+        distribution.log_prob(torch.tensor([1.0, bad]))
+
+
+def test_support_check_equals_pyros() -> None:
+    values = torch.tensor([0.0, -0.0, 1.0, 2.5, -1.0, 1e30, -1e-30, 1e-30])
+    values = torch.cat([values, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    for tensor in (values, values.float(), torch.tensor([0, -1, 3])):
+        expected = dist.NegativeBinomial(1.0, logits=0.0).support.check(tensor)
+        assert torch.equal(NegativeBinomial.support.check(tensor), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zinb_equals_pyros_zero_inflation_of_the_nb(dtype: torch.dtype) -> None:
+    """count_distribution's ZINB fuses the mixture; Pyro's wrapper around the same NB agrees."""
+    batch = per_gene_batch(dtype)
+    value = batch.pop("value").round()
+    gate_logits = torch.linspace(-4.0, 4.0, value.numel(), dtype=dtype).reshape(value.shape)
+
+    def log_prob_and_gradients(make: Callable[..., dist.Distribution]) -> list[torch.Tensor]:
+        mean = batch["mean"].clone().requires_grad_()
+        theta = batch["inverse_dispersion"].clone().requires_grad_()
+        gate = gate_logits.clone().requires_grad_()
+        log_prob = make(mean, theta, gate).log_prob(value)
+        weights = torch.linspace(-1.0, 2.0, value.numel(), dtype=dtype).reshape(value.shape)
+        (log_prob * weights).sum().backward()
+        return [log_prob.detach(), mean.grad, theta.grad, gate.grad]
+
+    ours = log_prob_and_gradients(lambda *args: count_distribution("zinb", *args))
+    pyros = log_prob_and_gradients(
+        lambda mean, theta, gate: dist.ZeroInflatedDistribution(
+            NegativeBinomial(mean, theta), gate_logits=gate
+        )
+    )
+    tolerance = {"rtol": 1e-10, "atol": 1e-12}
+    if dtype == torch.float32:
+        tolerance = {"rtol": 1e-5, "atol": 1e-5}
+    for ours_, pyros_ in zip(ours, pyros, strict=True):
+        torch.testing.assert_close(ours_, pyros_, **tolerance)
