@@ -53,6 +53,9 @@ class PyroscModel:
     _config_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, adata: ad.AnnData, **config: Any) -> None:
+        likelihood = config.get("likelihood")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         self.adata = adata
         self.config = config
         self.data: CountData = from_anndata(
@@ -315,8 +318,6 @@ class VAE(PyroscModel):
         n_layers: int = 1,
         dropout: float = 0.1,
     ) -> None:
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         super().__init__(
             adata,
             likelihood=likelihood,
@@ -376,8 +377,6 @@ class GMVAE(PyroscModel):
         n_layers: int = 1,
         dropout: float = 0.1,
     ) -> None:
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if guide not in GMVAE_GUIDES:
             raise ValueError(f"guide must be one of {GMVAE_GUIDES}, got {guide!r}")
         if mixture_weights not in MIXTURE_WEIGHTS:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
@@ -640,3 +641,43 @@ def count_distribution(
     if likelihood == "nb":
         return negative_binomial
     return _ZeroInflatedNegativeBinomial(negative_binomial, gate_logits=gate_logits)
+
+
+def gene_inverse_dispersion(counts: Tensor, likelihood: str) -> Tensor | None:
+    """The gene-wise inverse dispersion ``theta_g`` of NB and ZINB, a positive Pyro parameter
+    named ``inverse_dispersion`` (initialised to 1); None for the likelihoods without one.
+
+    Args:
+        counts: ``(batch, genes)`` counts, for the number of genes, dtype and device.
+        likelihood: one of :data:`LIKELIHOODS`.
+
+    Returns:
+        ``(genes,)`` theta, or None.
+    """
+    if not uses_dispersion(likelihood):
+        return None
+    initial = counts.new_ones(counts.shape[-1])
+    return pyro.param("inverse_dispersion", initial, constraint=constraints.positive)
+
+
+def expression_likelihood(
+    likelihood: str,
+    library: Tensor,
+    proportions: Tensor,
+    inverse_dispersion: Tensor | None = None,
+    gate_logits: Tensor | None = None,
+) -> dist.Distribution:
+    """``x_n ~ Likelihood(l_n rho_n, theta, pi_n)``: a cell's counts over all genes, one event.
+
+    Args:
+        likelihood: one of :data:`LIKELIHOODS`.
+        library: ``(..., cells)`` library sizes ``l``.
+        proportions: ``(..., cells, genes)`` expression proportions ``rho`` (rows on the simplex).
+        inverse_dispersion: ``theta``, broadcastable to ``(..., cells, genes)`` (NB, ZINB).
+        gate_logits: ``(..., cells, genes)`` zero-inflation logits (ZIP, ZINB).
+
+    Returns:
+        a distribution with batch shape ``(..., cells)`` and event shape ``(genes,)``.
+    """
+    mean = library.unsqueeze(-1) * proportions
+    return count_distribution(likelihood, mean, inverse_dispersion, gate_logits).to_event(1)

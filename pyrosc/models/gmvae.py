@@ -8,7 +8,7 @@ import pyro.distributions as dist
 from torch import Tensor
 from torch.distributions import constraints
 
-from pyrosc.likelihoods import count_distribution, uses_dispersion
+from pyrosc.likelihoods import expression_likelihood, gene_inverse_dispersion
 from pyrosc.nets import CountDecoder
 from pyrosc.plates import cells_plate
 
@@ -56,18 +56,12 @@ def gmvae_model(
     component_scales = pyro.param(
         "component_scales", counts.new_ones(n_clusters, n_latent), constraint=constraints.positive
     )
-    inverse_dispersion = None
-    if uses_dispersion(likelihood):
-        inverse_dispersion = pyro.param(
-            "inverse_dispersion", counts.new_ones(counts.shape[-1]), constraint=constraints.positive
-        )
+    inverse_dispersion = gene_inverse_dispersion(counts, likelihood)
     with cells_plate(counts, n_cells):
         y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
         z = pyro.sample("z", dist.Normal(component_locs[y], component_scales[y]).to_event(1))
         proportions, gate_logits = decoder(z)
-        mean = library.unsqueeze(-1) * proportions
-        pyro.sample(
-            "counts",
-            count_distribution(likelihood, mean, inverse_dispersion, gate_logits).to_event(1),
-            obs=counts,
+        observation = expression_likelihood(
+            likelihood, library, proportions, inverse_dispersion, gate_logits
         )
+        pyro.sample("counts", observation, obs=counts)

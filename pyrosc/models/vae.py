@@ -5,9 +5,8 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 from torch import Tensor
-from torch.distributions import constraints
 
-from pyrosc.likelihoods import count_distribution, uses_dispersion
+from pyrosc.likelihoods import expression_likelihood, gene_inverse_dispersion
 from pyrosc.nets import CountDecoder
 from pyrosc.plates import cells_plate
 
@@ -37,20 +36,13 @@ def vae_model(
         likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
     """
     pyro.module("decoder", decoder)
-    n_genes = counts.shape[-1]
     n_latent = decoder.n_input
-    inverse_dispersion = None
-    if uses_dispersion(likelihood):
-        inverse_dispersion = pyro.param(
-            "inverse_dispersion", counts.new_ones(n_genes), constraint=constraints.positive
-        )
+    inverse_dispersion = gene_inverse_dispersion(counts, likelihood)
     with cells_plate(counts, n_cells):
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
         z = pyro.sample("z", prior.to_event(1))
         proportions, gate_logits = decoder(z)
-        mean = library.unsqueeze(-1) * proportions
-        pyro.sample(
-            "counts",
-            count_distribution(likelihood, mean, inverse_dispersion, gate_logits).to_event(1),
-            obs=counts,
+        observation = expression_likelihood(
+            likelihood, library, proportions, inverse_dispersion, gate_logits
         )
+        pyro.sample("counts", observation, obs=counts)
