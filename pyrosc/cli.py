@@ -2,6 +2,7 @@
 fitted model, an annotated .h5ad, and figures.
 
     pyrosc fit [DATA.h5ad] --model vae --likelihood nb --out DIR
+    pyrosc fit DATA.h5ad --model scvi --batch-key batch --out DIR
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from pyrosc.data import count_matrix
+from pyrosc.data import count_matrix, select_genes
 from pyrosc.likelihoods import LIKELIHOODS
+from pyrosc.models.scvi import DISPERSIONS
 
-MODELS = ("vae", "gmvae")
+MODELS = ("vae", "gmvae", "scvi")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("data", nargs="?", help=".h5ad file of raw counts (default: PBMC 3k)")
     fit.add_argument("--model", choices=MODELS, default="vae")
-    fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb")
+    fit.add_argument(
+        "--likelihood", choices=LIKELIHOODS, help="default: nb (zinb for scvi, as scvi-tools)"
+    )
     fit.add_argument(
         "--n-clusters", type=int, default=10, help="GMVAE mixture components (default: %(default)s)"
     )
@@ -43,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
         choices=("marginal", "scvae"),
         default="marginal",
         help="GMVAE guide (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--batch-key", default=None, help="scVI: obs column of the batch (default: one batch)"
+    )
+    fit.add_argument(
+        "--dispersion",
+        choices=DISPERSIONS,
+        default="gene",
+        help="scVI: inverse dispersion per gene, gene and batch, or cell (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--library",
+        choices=("observed", "latent"),
+        default="observed",
+        help="scVI: observed total counts or a latent library size (default: %(default)s)",
     )
     fit.add_argument("--out", default="pyrosc_out", help="output directory (default: %(default)s)")
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
@@ -81,25 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def select_genes(adata: ad.AnnData, n_top_genes: int, layer: str | None) -> ad.AnnData:
-    """The ``n_top_genes`` most variable genes of ``adata`` as a new AnnData of raw counts.
-
-    Genes detected in fewer than 3 cells are dropped first; variability is scanpy's
-    ``highly_variable_genes(flavor="seurat")`` on a log-normalised copy. The input is untouched.
-    """
-    import scanpy as sc
-
-    view = ad.AnnData(count_matrix(adata, layer), obs=adata.obs[[]], var=adata.var[[]])
-    detected = np.asarray((view.X > 0).sum(axis=0)).ravel() >= 3
-    view = view[:, detected].copy()
-    if n_top_genes <= 0 or n_top_genes >= view.n_vars:
-        return adata[:, view.var_names].copy()
-    sc.pp.normalize_total(view, target_sum=1e4)
-    sc.pp.log1p(view)
-    sc.pp.highly_variable_genes(view, n_top_genes=n_top_genes, flavor="seurat")
-    return adata[:, view.var_names[view.var["highly_variable"].to_numpy()]].copy()
-
-
 def _save_figures(out: Path, adata: ad.AnnData, history, colors: list[str]) -> None:
     import matplotlib
 
@@ -131,8 +131,11 @@ def fit_command(args: argparse.Namespace) -> int:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from pyrosc import GMVAE, VAE, datasets
+    from pyrosc import GMVAE, SCVI, VAE, datasets
 
+    if args.batch_key is not None and args.model != "scvi":
+        raise ValueError(f"--batch-key is for --model scvi; {args.model} has no batch")
+    likelihood = args.likelihood or ("zinb" if args.model == "scvi" else "nb")
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,12 +158,21 @@ def fit_command(args: argparse.Namespace) -> int:
     print(f"  modelling {adata.n_vars} genes of {adata.n_obs} cells")
 
     sizes = {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "n_layers": args.n_layers}
-    common = {"likelihood": args.likelihood, "layer": args.layer, "labels_key": labels_key}
+    common = {"likelihood": likelihood, "layer": args.layer, "labels_key": labels_key}
     if args.model == "gmvae":
         model = GMVAE(adata, n_clusters=args.n_clusters, guide=args.guide, **common, **sizes)
+    elif args.model == "scvi":
+        model = SCVI(
+            adata,
+            batch_key=args.batch_key,
+            dispersion=args.dispersion,
+            library=args.library,
+            **common,
+            **sizes,
+        )
     else:
         model = VAE(adata, **common, **sizes)
-    print(f"Fitting a {args.likelihood.upper()} {args.model.upper()} for {args.epochs} epochs")
+    print(f"Fitting a {likelihood.upper()} {args.model.upper()} for {args.epochs} epochs")
     fit_started = time.perf_counter()
     model.fit(
         max_epochs=args.epochs,
@@ -207,7 +219,8 @@ def fit_command(args: argparse.Namespace) -> int:
 
     model.save(out / "model")
     adata.write_h5ad(out / "pyrosc.h5ad", compression="gzip")
-    _save_figures(out, adata, model.history, cluster_keys + ([labels_key] if labels_key else []))
+    colors = cluster_keys + [key for key in (labels_key, args.batch_key) if key]
+    _save_figures(out, adata, model.history, colors)
     summary["wall seconds"] = round(time.perf_counter() - started, 1)
     summary["threads"] = torch.get_num_threads()
 

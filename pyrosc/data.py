@@ -548,3 +548,33 @@ def _quoted(names: Sequence | pd.Index, limit: int = _NAMES_SHOWN) -> str:
     names = list(names)
     shown = ", ".join(repr(str(name)) for name in names[:limit])
     return shown if len(names) <= limit else f"{shown} ... and {len(names) - limit:,} more"
+
+
+def select_genes(
+    adata: anndata.AnnData, n_top_genes: int = 2000, layer: str | None = None
+) -> anndata.AnnData:
+    """The ``n_top_genes`` most variable genes of ``adata`` as a new AnnData of raw counts.
+
+    Genes detected in fewer than 3 cells are dropped first; variability is scanpy's
+    ``highly_variable_genes(flavor="seurat")`` on a log-normalised copy. The input is untouched.
+
+    Args:
+        adata: (cells, genes) raw counts in ``adata.X`` or ``adata.layers[layer]``.
+        n_top_genes: how many genes to keep; 0 (or more than there are) keeps every gene
+            detected in at least 3 cells.
+        layer: the layer holding the counts (None: ``adata.X``).
+
+    Returns:
+        a new AnnData, (cells, selected genes), with all of ``adata``'s layers and annotations.
+    """
+    import scanpy as sc
+
+    view = anndata.AnnData(count_matrix(adata, layer), obs=adata.obs[[]], var=adata.var[[]])
+    detected = np.asarray((view.X > 0).sum(axis=0)).ravel() >= 3
+    view = view[:, detected].copy()
+    if n_top_genes <= 0 or n_top_genes >= view.n_vars:
+        return adata[:, view.var_names].copy()
+    sc.pp.normalize_total(view, target_sum=1e4)
+    sc.pp.log1p(view)
+    sc.pp.highly_variable_genes(view, n_top_genes=n_top_genes, flavor="seurat")
+    return adata[:, view.var_names[view.var["highly_variable"].to_numpy()]].copy()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import pytest
 from conftest import simulate_counts
 
-from pyrosc.cli import main, select_genes
+from pyrosc.cli import main
+from pyrosc.data import select_genes
 
 
 def test_fit_writes_model_h5ad_figures_and_summary(tmp_path, capsys):
@@ -39,6 +42,27 @@ def test_fit_gmvae_reports_its_own_clusters(tmp_path, capsys):
     result = ad.read_h5ad(tmp_path / "o" / "pyrosc.h5ad")
     assert "pyrosc_cluster" in result.obs and "pyrosc_cluster_probs" in result.obsm
     assert "ARI (pyrosc_cluster vs cell_type)" in capsys.readouterr().out
+
+
+def test_fit_scvi_with_a_batch_key(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=150, n_genes=30).write_h5ad(data)
+    args = ["fit", str(data), "--model", "scvi", "--batch-key", "batch", "--library", "latent"]
+    args += ["--dispersion", "gene-batch", "--out", str(tmp_path / "o"), "--epochs", "2"]
+    assert main([*args, "--n-samples", "3", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "o" / "model" / "config.json").read_text())
+    assert meta["class"] == "SCVI"
+    config = {key: meta["config"][key] for key in ("batch_key", "library", "dispersion")}
+    assert config == {"batch_key": "batch", "library": "latent", "dispersion": "gene-batch"}
+    assert meta["config"]["likelihood"] == "zinb"  # scVI's default, not the VAE's
+    assert "Fitting a ZINB SCVI" in capsys.readouterr().out
+
+
+def test_batch_key_is_for_scvi_only(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=50, n_genes=20).write_h5ad(data)
+    assert main(["fit", str(data), "--batch-key", "batch", "--out", str(tmp_path / "o")]) == 2
+    assert "--batch-key is for --model scvi" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
