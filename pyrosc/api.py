@@ -10,7 +10,8 @@ parameters (a private parameter-store scope), so models fitted in one session ne
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -22,15 +23,16 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from torch import nn
+from torch import Tensor, nn
 
 from pyrosc import evaluate
-from pyrosc.data import CountData, from_anndata
-from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide, vae_guide
-from pyrosc.likelihoods import LIKELIHOODS, uses_gate
-from pyrosc.models import gmvae_model, vae_model
+from pyrosc.data import CountData, from_anndata, split_cells
+from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide, scvi_guide, vae_guide
+from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
+from pyrosc.models import gmvae_model, scvi_model, vae_model
 from pyrosc.models.gmvae import MIXTURE_WEIGHTS
-from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder
+from pyrosc.models.scvi import DISPERSIONS, LibraryPrior
+from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder, ScviDecoder
 from pyrosc.train import TrainResult, resolve_device, train
 
 GMVAE_GUIDES = ("marginal", "scvae")
@@ -261,6 +263,16 @@ class PyroscModel:
                 "trained on; subset it to the saved var_names, in order"
             )
         self = cls(adata, **meta["config"])
+        if self.data.covariate_categories != meta["covariate_categories"]:
+            # Codes must mean what they meant in training (adata may hold fewer categories).
+            self.data = from_anndata(
+                adata,
+                layer=self.config.get("layer"),
+                batch_key=self.config.get("batch_key"),
+                labels_key=self.config.get("labels_key"),
+                categorical_covariate_keys=self.config.get("categorical_covariate_keys") or (),
+                covariate_categories=meta["covariate_categories"],
+            )
         self.device = resolve_device(device)
         tensors = torch.load(path / "model.pt", map_location=self.device, weights_only=True)
         self._pair = self._build()
@@ -510,3 +522,259 @@ class GMVAE(PyroscModel):
             labels.astype(str), categories=[str(i) for i in range(self.config["n_clusters"])]
         )
         return labels
+
+
+SCVI_LIBRARIES = ("observed", "latent")
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+
+
+def _as_batch(minibatch: dict[str, Tensor], code: int) -> dict[str, Tensor]:
+    """The minibatch with every cell's batch (and so its first covariate) set to ``code``."""
+    covariates = minibatch["covariates"].clone()
+    covariates[:, 0] = code
+    batch = torch.full_like(minibatch["batch"], code)
+    return {**minibatch, "batch": batch, "covariates": covariates}
+
+
+def _posterior_model_traces(
+    model: Callable,
+    guide: Callable,
+    minibatch: dict[str, Tensor],
+    model_data: list[dict[str, Tensor]],
+    n_samples: int,
+) -> list[poutine.Trace]:
+    """Traces of the model replayed at ``n_samples`` draws of the guide given ``minibatch``:
+    one trace per entry of ``model_data`` (the data the model is given), all at the same draws.
+
+    The draws lie on a ``particles`` plate left of the cells: every site of the traces gains a
+    leading ``(n_samples,)`` dimension.
+    """
+    with poutine.block(), pyro.plate("particles", n_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(
+            **evaluate.model_kwargs(guide, minibatch, None)
+        )
+        replayed = poutine.trace(poutine.replay(model, trace=guide_trace))
+        return [replayed.get_trace(**evaluate.model_kwargs(model, d, None)) for d in model_data]
+
+
+def _expected_expression(
+    model_trace: poutine.Trace, minibatch: dict[str, Tensor], library_size: float | str
+) -> Tensor:
+    """``(cells, genes)`` mean over the draws of ``l' rho``, rho from the ``proportions`` site;
+    ``l'`` is ``library_size``, or with ``"latent"`` the library the model used: its
+    ``library`` site, or the observed totals when it has none."""
+    proportions = model_trace.nodes["proportions"]["value"]  # (n_samples, cells, genes)
+    if library_size == "latent":
+        if "library" in model_trace.nodes:
+            library = model_trace.nodes["library"]["value"]  # (n_samples, cells)
+        else:
+            library = minibatch["library"]
+        return (library.unsqueeze(-1) * proportions).mean(dim=0)
+    return library_size * proportions.mean(dim=0)
+
+
+class SCVI(PyroscModel):
+    """scVI (Lopez et al. 2018): a VAE whose decoder sees the batch and other covariates.
+
+    ``z ~ N(0, I)``; counts ``~ Likelihood(l rho, theta, pi)`` with ``rho`` and ``pi`` decoded
+    from ``z`` and the cell's covariates (one-hot, injected into every decoder layer), so that
+    ``z`` is free of the batch. See :func:`pyrosc.models.scvi.scvi_model` for the math.
+
+    Args:
+        adata: raw counts in ``adata.X`` or ``adata.layers[layer]``, cells x genes.
+        batch_key: obs column of the batch (the first covariate); None for a single batch.
+        likelihood: ``"zinb"`` (scvi-tools' default), ``"nb"``, ``"poisson"`` or ``"zip"``.
+        dispersion: the inverse dispersion of NB and ZINB: ``"gene"`` (one per gene),
+            ``"gene-batch"`` (one per gene and batch) or ``"gene-cell"`` (from the decoder).
+        library: ``"observed"`` (each cell's total count; the default, as scvi-tools 1.4.2's
+            ``use_observed_lib_size=True``) or ``"latent"`` (a latent ``l`` with a lognormal
+            prior per batch, fixed from the training cells, and an amortized ``q(l | x)``).
+        layer: the layer holding counts (None: ``adata.X``).
+        labels_key: obs column of cell labels (kept for scoring; not used in training).
+        categorical_covariate_keys: further categorical obs columns the decoder sees.
+        encode_covariates: whether the encoders also see the covariates (scvi-tools' default:
+            no, so ``q(z | x)`` cannot lean on the batch).
+        n_latent, n_hidden, n_layers, dropout: network sizes (scvi-tools' defaults); the
+            library encoder has one hidden layer, as scvi-tools'.
+
+    Example::
+
+        m = pyrosc.SCVI(adata, batch_key="batch").fit(max_epochs=400)
+        m.latent()  # adata.obsm["X_pyrosc"], for sc.pp.neighbors(adata, use_rep="X_pyrosc")
+        expression = m.normalized_expression(transform_batch="batch1", library_size=1e4)
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        batch_key: str | None = "batch",
+        likelihood: str = "zinb",
+        dispersion: str = "gene",
+        library: str = "observed",
+        layer: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        encode_covariates: bool = False,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
+        if library not in SCVI_LIBRARIES:
+            raise ValueError(f"library must be one of {SCVI_LIBRARIES}, got {library!r}")
+        if batch_key is None and categorical_covariate_keys:
+            # The batch is the first covariate (CountData's `batch`): without a batch_key it
+            # would silently be the first of these.
+            raise ValueError(
+                "categorical_covariate_keys need a batch_key: the library prior and the "
+                "gene-batch dispersion are per batch. Pass the batch column as batch_key."
+            )
+        super().__init__(
+            adata,
+            batch_key=batch_key,
+            likelihood=likelihood,
+            dispersion=dispersion,
+            library=library,
+            layer=layer,
+            labels_key=labels_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            encode_covariates=encode_covariates,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=dropout,
+        )
+        self._library_prior_cells: np.ndarray | None = None
+
+    def fit(
+        self, max_epochs: int = 400, *, validation_fraction: float = 0.1, seed: int = 0, **options
+    ) -> SCVI:
+        """Fit by SVI (see :meth:`PyroscModel.fit` for the options).
+
+        A latent library's prior is computed from the training cells alone: the split that
+        :func:`pyrosc.train.train` makes from the same ``validation_fraction`` and ``seed``.
+        """
+        self._library_prior_cells, _ = split_cells(self.data.n_cells, validation_fraction, seed)
+        super().fit(max_epochs, validation_fraction=validation_fraction, seed=seed, **options)
+        return self
+
+    def _batch_names(self) -> list[str]:
+        key = self.config["batch_key"]
+        return ["all cells"] if key is None else self.data.covariate_categories[key]
+
+    def _library_prior(self) -> LibraryPrior:
+        """The prior of the latent library from the training cells; at load (no training cells)
+        a placeholder of the right shape, into which the saved prior is then loaded."""
+        names, key, cells = self._batch_names(), self.config["batch_key"], self._library_prior_cells
+        if cells is None:
+            return LibraryPrior(torch.zeros(len(names)), torch.ones(len(names)))
+        batch = np.zeros(len(cells), np.int64) if key is None else self.data.covariates[key][cells]
+        return LibraryPrior.from_library(self.data.library[cells], batch, names)
+
+    def _build(self) -> tuple[Callable, Callable, nn.Module]:
+        c, data = self.config, self.data
+        covariate_sizes = [len(data.covariate_categories[key]) for key in data.covariates]
+        encoded = covariate_sizes if c["encode_covariates"] else ()
+        sizes = (c["n_hidden"], c["n_layers"], c["dropout"])
+        encoder = GaussianEncoder(data.n_genes, c["n_latent"], *sizes, covariate_sizes=encoded)
+        decoder = ScviDecoder(
+            c["n_latent"],
+            data.n_genes,
+            c["n_hidden"],
+            c["n_layers"],
+            covariate_sizes=covariate_sizes,
+            gate=uses_gate(c["likelihood"]),
+            cell_dispersion=c["dispersion"] == "gene-cell" and uses_dispersion(c["likelihood"]),
+        )
+        networks = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+        library_prior = library_encoder = None
+        if c["library"] == "latent":
+            library_prior = self._library_prior()
+            library_encoder = GaussianEncoder(
+                data.n_genes, 1, c["n_hidden"], 1, c["dropout"], covariate_sizes=encoded
+            )
+            networks.update({"library_encoder": library_encoder, "library_prior": library_prior})
+        model = partial(
+            scvi_model,
+            decoder=decoder,
+            library_prior=library_prior,
+            likelihood=c["likelihood"],
+            dispersion=c["dispersion"],
+            n_batches=len(self._batch_names()),
+        )
+        guide = partial(scvi_guide, encoder=encoder, library_encoder=library_encoder)
+        return model, guide, networks
+
+    def _batch_codes(self, transform_batch: str | Sequence[str]) -> list[int]:
+        """Codes of the batch names in ``transform_batch`` (one name or several)."""
+        key = self.config["batch_key"]
+        if key is None:
+            raise ValueError("transform_batch needs a model with a batch_key; this one has none")
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        if not names:
+            raise ValueError("transform_batch is an empty list; give at least one batch name")
+        known = self.data.covariate_categories[key]
+        unknown = [name for name in names if str(name) not in known]
+        if unknown:
+            raise ValueError(
+                f"transform_batch names batch(es) {unknown} that are not in obs[{key!r}] of the "
+                f"training data; the known batches are: {known}"
+            )
+        return [known.index(str(name)) for name in names]
+
+    @torch.no_grad()
+    def normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        batch_size: int = 256,
+    ) -> np.ndarray:
+        """Posterior mean of each cell's expected expression ``l' rho``, as scvi-tools'
+        ``get_normalized_expression``.
+
+        ``rho`` is decoded from ``z ~ q(z | x)`` (``n_samples`` draws, averaged), read from the
+        model's ``proportions`` site: the guide is traced, and the model replayed against it
+        with the batch replaced (a counterfactual: the cell as if it came from that batch).
+
+        Args:
+            adata: cells to decode, with the training genes (default: the training AnnData).
+            transform_batch: None (each cell's own batch), a batch name (every cell decoded as
+                if from that batch), or a list of names (the mean over those batches).
+            library_size: ``l'``, a positive number (1: proportions; 1e4: counts per 10k), or
+                ``"latent"``: each cell's library (its total count, or draws of the latent
+                library from ``q(l | x)``).
+            n_samples: draws from the guide per cell.
+            batch_size: cells per pass.
+
+        Returns:
+            ``(cells, genes)`` float32 array.
+
+        Raises:
+            ValueError: an unknown batch name, a model without a batch_key given a
+                transform_batch, a bad library_size or n_samples.
+        """
+        if not (library_size == "latent" or _is_positive_number(library_size)):
+            raise ValueError(f"library_size must be 'latent' or positive, got {library_size!r}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        codes = None if transform_batch is None else self._batch_codes(transform_batch)
+        _, data = self._data_for(adata)
+        chunks = []
+        with self._scope() as (model, guide, networks), evaluate.eval_mode(networks):
+            for start in range(0, data.n_cells, batch_size):
+                index = np.arange(start, min(start + batch_size, data.n_cells))
+                minibatch = data.minibatch(index, self.device)
+                as_batches = (
+                    [minibatch] if codes is None else [_as_batch(minibatch, c) for c in codes]
+                )
+                traces = _posterior_model_traces(model, guide, minibatch, as_batches, n_samples)
+                expression = [_expected_expression(t, minibatch, library_size) for t in traces]
+                chunks.append(torch.stack(expression).mean(dim=0).cpu())
+        return torch.cat(chunks).numpy().astype(np.float32)

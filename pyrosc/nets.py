@@ -148,10 +148,57 @@ class CountDecoder(nn.Module):
     def forward(self, z: Tensor, covariates: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``(..., n_input)`` -> proportions ``(..., n_genes)`` summing to one, and gate
         logits ``(..., n_genes)`` (None without a gate)."""
-        h = self.body(z, covariates)
-        proportions = F.softmax(self.proportion_logits(h), dim=-1)
-        gate_logits = self.gate_logits(h) if self.gate_logits is not None else None
+        return self.heads(self.body(z, covariates))
+
+    def heads(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The output layers alone: ``(..., n_hidden)`` hidden units -> proportions and gate
+        logits, as :meth:`forward`."""
+        proportions = F.softmax(self.proportion_logits(hidden), dim=-1)
+        gate_logits = self.gate_logits(hidden) if self.gate_logits is not None else None
         return proportions, gate_logits
+
+
+class ScviDecoder(nn.Module):
+    """scVI's decoder: a :class:`CountDecoder` and, optionally, a third head on the same hidden
+    units for a per-cell inverse dispersion ``theta_ng`` (scVI's ``dispersion="gene-cell"``).
+
+    Args:
+        n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate: as
+            :class:`CountDecoder`.
+        cell_dispersion: whether to output an inverse dispersion per cell and gene.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_genes: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.0,
+        covariate_sizes: Sequence[int] = (),
+        gate: bool = False,
+        cell_dispersion: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_input = n_input
+        self.expression = CountDecoder(
+            n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate
+        )
+        self.log_inverse_dispersion = nn.Linear(n_hidden, n_genes) if cell_dispersion else None
+
+    def forward(
+        self, z: Tensor, covariates: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(..., n_input)`` [and ``(..., n_covariates)`` codes] -> proportions, gate logits
+        and inverse dispersion, each ``(..., n_genes)`` (the last two None without their head).
+        """
+        hidden = self.expression.body(z, covariates)
+        proportions, gate_logits = self.expression.heads(hidden)
+        inverse_dispersion = None
+        if self.log_inverse_dispersion is not None:
+            # exp, as scvi-tools: the head is linear in log theta.
+            inverse_dispersion = self.log_inverse_dispersion(hidden).exp()
+        return proportions, gate_logits, inverse_dispersion
 
 
 class Classifier(nn.Module):
