@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--n-clusters", type=int, default=7)
     parser.add_argument("--guide", default="marginal")
+    parser.add_argument("--mixture-weights", default="uniform")
     parser.add_argument("--likelihood", default="nb")
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--init-epochs", type=int, default=50)
@@ -74,7 +75,11 @@ def main() -> None:
 
     started = time.perf_counter()
     gmvae = pyrosc.GMVAE(
-        train, n_clusters=args.n_clusters, likelihood=args.likelihood, guide=args.guide
+        train,
+        n_clusters=args.n_clusters,
+        likelihood=args.likelihood,
+        guide=args.guide,
+        mixture_weights=args.mixture_weights,
     )
     gmvae.fit(
         max_epochs=args.epochs,
@@ -83,6 +88,7 @@ def main() -> None:
         progress=False,
     )
     result["gmvae_guide"] = args.guide
+    result["mixture_weights"] = args.mixture_weights
     result["gmvae_seconds"] = round(time.perf_counter() - started, 1)
     result["gmvae_heldout_ll"] = round(float(gmvae.log_likelihood(test, args.n_samples).mean()), 2)
     clusters = gmvae.clusters(adata)

@@ -179,15 +179,20 @@ class PyroscModel:
             ``(cells, n_latent)`` float32 array.
         """
         adata, data = self._data_for(adata)
+        latent = self._latent(data, batch_size)
+        adata.obsm[_LATENT_KEY] = latent
+        return latent
+
+    @torch.no_grad()
+    def _latent(self, data: CountData, batch_size: int = 1024) -> np.ndarray:
+        """:meth:`latent` of validated counts, written nowhere: ``(cells, n_latent)``."""
         chunks = []
-        with self._scope() as (model, guide, networks), evaluate.eval_mode(networks):
+        with self._scope() as (_, guide, networks), evaluate.eval_mode(networks):
             for start in range(0, data.n_cells, batch_size):
                 index = np.arange(start, min(start + batch_size, data.n_cells))
                 minibatch = data.minibatch(index, self.device)
                 chunks.append(evaluate.posterior_mean(guide, minibatch, "z").cpu())
-        latent = torch.cat(chunks).numpy()
-        adata.obsm[_LATENT_KEY] = latent
-        return latent
+        return torch.cat(chunks).numpy()
 
     def log_likelihood(self, adata: ad.AnnData | None = None, n_samples: int = 200) -> np.ndarray:
         """Importance-sampled ``log p(x)`` of each cell (:func:`pyrosc.evaluate.log_likelihood`).
@@ -449,7 +454,7 @@ class GMVAE(PyroscModel):
                   c["n_layers"], c["dropout"])  # fmt: skip
         options = {k: v for k, v in fit_options.items() if k in ("batch_size", "lr", "device")}
         vae.fit(max_epochs=epochs, seed=seed, validation_fraction=0, progress=False, **options)
-        latent = vae.latent()
+        latent = vae._latent(vae.data)  # the user's adata keeps no trace of the warm start
         kmeans = KMeans(c["n_clusters"], n_init=10, random_state=seed).fit(latent)
         _, _, networks = vae._pair
         states = {name: module.state_dict() for name, module in networks.items()}

@@ -162,6 +162,7 @@ def test_recovers_simulated_clusters(guide_name):
     assert probs.shape == (450, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     assert list(adata.obs["pyrosc_cluster"].cat.categories) == ["0", "1", "2"]
+    assert "X_pyrosc" not in adata.obsm  # the warm-start VAE writes nothing to the user's data
 
 
 def test_save_load_keeps_clusters(tmp_path):
