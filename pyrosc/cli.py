@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--guide",
-        choices=("marginal", "scvae"),
-        default="marginal",
+        choices=("scvae", "marginal"),
+        default="scvae",
         help="GMVAE guide (default: %(default)s)",
     )
     fit.add_argument(
