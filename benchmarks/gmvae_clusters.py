@@ -18,16 +18,14 @@ import json
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from views import DATA, load_view
 
 import pyrosc
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hvg2000"
 
 
 def scores(truth, labels) -> dict[str, float]:
@@ -53,9 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    adata = ad.read_h5ad(args.data_dir / f"{args.dataset}.h5ad")
-    train = adata[adata.obs["split"] == "train"].copy()
-    test = adata[adata.obs["split"] == "test"].copy()
+    adata, train, test = load_view(args.data_dir, args.dataset)
     labelled = adata.obs["cell_type"].notna().to_numpy()
     truth = adata.obs["cell_type"][labelled].astype(str).to_numpy()
     result = {"dataset": args.dataset, "K": args.n_clusters, "epochs": args.epochs}

@@ -20,10 +20,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+from views import DATA, load_view
 
 import pyrosc
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hvg2000"
 
 
 def scib_scores(adata: ad.AnnData) -> dict[str, float]:
@@ -57,9 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    adata = ad.read_h5ad(args.data_dir / f"{args.dataset}.h5ad")
-    train = adata[adata.obs["split"] == "train"].copy()
-    test = adata[adata.obs["split"] == "test"].copy()
+    adata, train, test = load_view(args.data_dir, args.dataset)
     model = pyrosc.SCVI(train, batch_key="batch", likelihood=args.likelihood, library=args.library)
     started = time.perf_counter()
     model.fit(max_epochs=args.epochs, validation_fraction=0, device="cpu", progress=False)

@@ -18,15 +18,13 @@ import platform
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
 from sklearn.metrics import adjusted_rand_score
+from views import DATA, load_view
 
 import pyrosc
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hvg2000"
 
 
 def main() -> None:
@@ -43,9 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    adata = ad.read_h5ad(args.data_dir / f"{args.dataset}.h5ad")
-    train = adata[adata.obs["split"] == "train"].copy()
-    test = adata[adata.obs["split"] == "test"].copy()
+    adata, train, test = load_view(args.data_dir, args.dataset)
     model = pyrosc.VAE(train, likelihood=args.likelihood)
     started = time.perf_counter()
     model.fit(

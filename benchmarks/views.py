@@ -1,0 +1,19 @@
+"""The benchmark views of ../shared/data/hvg2000/ (fixed genes and train/test split), shared by
+the benchmark scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+
+#: ../shared/data/hvg2000 beside this repository (not shipped with it).
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hvg2000"
+
+
+def load_view(data_dir: Path, dataset: str) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
+    """All cells of ``<data_dir>/<dataset>.h5ad``, and copies of its "train" and "test" cells."""
+    adata = ad.read_h5ad(data_dir / f"{dataset}.h5ad")
+    train = adata[adata.obs["split"] == "train"].copy()
+    test = adata[adata.obs["split"] == "test"].copy()
+    return adata, train, test
