@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import pyrosc
 from pyrosc.data import CountData, MinibatchSampler, from_anndata, split_cells
 
 
@@ -462,3 +463,13 @@ def test_genes_warning_absent_for_clean_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from_anndata(make_adata())
+
+
+def test_embedded_cellbench_is_raw_counts_with_batches_and_split():
+    adata = pyrosc.datasets.cellbench()
+    assert adata.shape == (1408, 2000)
+    assert adata.obs["batch"].nunique() == 5
+    assert adata.obs["cell_type"].nunique() == 5
+    assert adata.obs["split"].value_counts().to_dict() == {"train": 1275, "test": 133}
+    values = adata.X.data
+    assert (values >= 0).all() and (values == np.round(values)).all()
