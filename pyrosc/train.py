@@ -25,6 +25,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import Independent
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
@@ -126,13 +127,18 @@ def free_bits_loss(free_bits: float) -> Callable:
 def _adam(lr: float) -> torch.optim.Adam:
     """One Adam over every parameter in the (current) Pyro parameter store.
 
-    Pyro's own ``pyro.optim.Adam`` keeps one optimiser per parameter tensor; a single
-    multi-tensor Adam does the same arithmetic with less Python work per step. ``eps=0.01``
-    and ``weight_decay=1e-6`` are scvi-tools' settings; with the loss taken per cell (as
+    Pyro's own ``pyro.optim.Adam`` keeps one optimiser per parameter tensor; a single fused
+    Adam does the same arithmetic in one kernel (on a CPU ~4x faster than the multi-tensor
+    ``foreach`` form, which was ~10 % of a training step). ``eps=0.01`` and
+    ``weight_decay=1e-6`` are scvi-tools' settings; with the loss taken per cell (as
     :func:`train` does) they act as they do there.
     """
     params = [p for _, p in pyro.get_param_store().named_parameters()]
-    return torch.optim.Adam(params, lr=lr, eps=0.01, weight_decay=1e-6, foreach=True)
+    options = {"lr": lr, "eps": 0.01, "weight_decay": 1e-6}
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    if fusable:
+        return torch.optim.Adam(params, fused=True, **options)
+    return torch.optim.Adam(params, foreach=True, **options)
 
 
 def has_enumerated_sites(model: Callable, guide: Callable, kwargs: dict) -> bool:
@@ -257,6 +263,7 @@ def train(
     else:
         elbo_loss = Trace_ELBO()
 
+    pyro_validation = is_validation_enabled()
     kl_weight = ScaleLatents(1.0)
     warm_model, warm_guide = kl_weight(model), kl_weight(guide)
     loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
@@ -271,9 +278,13 @@ def train(
         total_loss = torch.zeros((), device=device)
         for index in sampler:
             minibatch = train_data.minibatch(index, device)
-            loss = loss_fn(
-                warm_model, warm_guide, **model_kwargs(model, minibatch, train_data.n_cells)
-            )
+            # The first step runs with Pyro's validation as the caller set it (the support,
+            # shape and NaN checks catch a broken model at once); later steps skip those
+            # checks, which cost ~10 % of a step: the counts were validated on the way in.
+            with pyro.validation_enabled(optimizer is None and pyro_validation):
+                loss = loss_fn(
+                    warm_model, warm_guide, **model_kwargs(model, minibatch, train_data.n_cells)
+                )
             if optimizer is None:  # parameters exist once the pair has run
                 optimizer = _adam(lr)
             optimizer.zero_grad(set_to_none=True)
