@@ -707,6 +707,14 @@ class SCVI(PyroscModel):
             library_encoder = GaussianEncoder(
                 data.n_genes, 1, c["n_hidden"], 1, c["dropout"], covariate_sizes=encoded
             )
+            # Start q(log l | x) at the prior: log library sizes are ~7-11, and from an output
+            # near 0, Adam at lr 1e-3 needs thousands of steps just to get there (meanwhile the
+            # decoder fits the wrong scale). The weights still learn each cell's deviation.
+            with torch.no_grad():
+                library_encoder.loc.bias.fill_(float(library_prior.loc.mean()))
+                library_encoder.log_variance.bias.fill_(
+                    float(library_prior.scale.square().mean().log())
+                )
             networks.update({"library_encoder": library_encoder, "library_prior": library_prior})
         model = partial(
             scvi_model,

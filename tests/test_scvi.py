@@ -128,6 +128,22 @@ def test_scvi_fits_its_library_prior_to_the_training_cells_only(adata):
         assert prior.loc[code].item() != pytest.approx(log_library[batch == name].mean(), 1e-6)
 
 
+def test_latent_library_posterior_starts_at_the_prior_scale(adata):
+    # lr=0: the networks stay as initialised. q(log l | x) must start near the data's log
+    # library sizes (~log 300 here), not near 0, or training spends its steps getting there.
+    model = SCVI(adata, library="latent", **TINY).fit(
+        max_epochs=1, validation_fraction=0, lr=0.0, progress=False
+    )
+    minibatch = model.data.minibatch(np.arange(model.data.n_cells))
+    with model._scope() as (m, g, networks), evaluate.eval_mode(networks):
+        guide_trace, _ = traces(m, g, minibatch)
+        prior = networks["library_prior"]
+    log_library_loc = guide_trace.nodes["library"]["fn"].loc
+    expected = float(prior.loc.mean())
+    assert expected > 4
+    assert log_library_loc.mean().item() == pytest.approx(expected, abs=1.0)
+
+
 def test_library_prior_needs_a_spread_in_every_batch():
     with pytest.raises(ValueError, match="batch 'b' has 1 training cell"):
         LibraryPrior.from_library(np.array([10.0, 20.0, 30.0]), np.array([0, 0, 1]), ["a", "b"])
