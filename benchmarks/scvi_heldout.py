@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--library", default="observed")
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--n-samples", type=int, default=200)
+    parser.add_argument("--kl-warmup-epochs", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scib", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -59,13 +61,22 @@ def main() -> None:
     adata, train, test = load_view(args.data_dir, args.dataset)
     model = pyrosc.SCVI(train, batch_key="batch", likelihood=args.likelihood, library=args.library)
     started = time.perf_counter()
-    model.fit(max_epochs=args.epochs, validation_fraction=0, device="cpu", progress=False)
+    model.fit(
+        max_epochs=args.epochs,
+        validation_fraction=0,
+        kl_warmup_epochs=args.kl_warmup_epochs,
+        seed=args.seed,
+        device="cpu",
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     result = {
         "dataset": args.dataset,
         "likelihood": args.likelihood,
         "library": args.library,
         "epochs": args.epochs,
+        "kl_warmup_epochs": args.kl_warmup_epochs,
+        "seed": args.seed,
         "train_cells": train.n_obs,
         "test_cells": test.n_obs,
         "heldout_log_likelihood": round(
