@@ -36,26 +36,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from flops import scvi_linears, step_flops
+from measure import HERE, machine, peak_rss_mib, rss_mib, run_python
 from views import DATA, load_view
 
-HERE = Path(__file__).resolve().parent
 DATASETS = ("pbmc3k", "zeisel_cortex", "cellbench_5batch")
 LIKELIHOODS = ("zinb", "nb")
 TOOLS = ("pyrosc", "scvi-tools")
-_MIB = 1024.0  # ru_maxrss is in KiB on Linux
 
 
 @dataclass(frozen=True)
@@ -82,19 +76,6 @@ def configs(tools: list[str], pyrosc_batch_sizes: list[int]) -> list[Config]:
 # -- one fit, in a child process -------------------------------------------------------------
 
 
-def _rss_mib() -> float:
-    """The current resident set size of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / _MIB
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    """The maximum resident set size this process has reached, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _MIB
-
-
 def _fit_pyrosc(spec: dict, train, test, adata) -> dict:
     """Fit pyrosc.SCVI (observed library) on ``train``; held-out LL of ``test``; latent of
     ``adata`` in ``obsm["X_pyrosc"]``."""
@@ -103,7 +84,7 @@ def _fit_pyrosc(spec: dict, train, test, adata) -> dict:
     import pyrosc
 
     model = pyrosc.SCVI(train, batch_key="batch", likelihood=spec["likelihood"], library="observed")
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     started = time.perf_counter()
     model.fit(
         max_epochs=spec["epochs"],
@@ -116,7 +97,7 @@ def _fit_pyrosc(spec: dict, train, test, adata) -> dict:
         **spec["fit_options"],
     )
     seconds = time.perf_counter() - started
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     cells_per_epoch = train.n_obs  # a lone last cell joins the previous minibatch
     evaluated = time.perf_counter()
     log_lik = model.log_likelihood(test, n_samples=spec["n_samples"])
@@ -162,7 +143,7 @@ def _fit_scvi_tools(spec: dict, train, test, adata) -> dict:
         use_observed_lib_size=True,
     )
     drop_last = train.n_obs % spec["batch_size"] == 1
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     started = time.perf_counter()
     model.train(
         max_epochs=spec["epochs"],
@@ -177,7 +158,7 @@ def _fit_scvi_tools(spec: dict, train, test, adata) -> dict:
         **spec["fit_options"],
     )
     seconds = time.perf_counter() - started
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     evaluated = time.perf_counter()
     # get_marginal_ll returns log p(x) itself (higher is better); K samples in passes of up
     # to 50, which is the same estimator as K passes of one, in less time.
@@ -235,7 +216,7 @@ def run_fit(spec: dict) -> dict:
         "cells_per_second": result["cells_per_epoch"] * spec["epochs"] / result["train_seconds"],
         "K": spec["n_samples"],
         **scib,
-        "peak_rss_total_mib": _peak_rss_mib(),
+        "peak_rss_total_mib": peak_rss_mib(),
         "total_seconds": time.perf_counter() - started,
         "threads": spec["threads"],
         "threads_after_fit": threads_after_fit,
@@ -249,19 +230,11 @@ def _child(spec_json: str, out: Path) -> None:
 # -- the run, in the parent process ----------------------------------------------------------
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.CompletedProcess:
-    """Run ``python <args>`` (same interpreter, folder and environment), output to ``log``."""
-    with log.open("w") as handle:
-        return subprocess.run(
-            [sys.executable, *args], stdout=handle, stderr=subprocess.STDOUT, check=False
-        )
-
-
 def run_in_child(spec: dict, work: Path) -> dict:
     """:func:`run_fit` in a fresh process; on failure, a row with the error and the log's tail."""
     name = f"{spec['dataset']}_{spec['likelihood']}_{spec['label']}".replace(" ", "_")
     out, log = work / f"{name}.json", work / f"{name}.log"
-    done = _spawn([str(HERE / "compare.py"), "--child", json.dumps(spec), str(out)], log)
+    done = run_python([str(HERE / "compare.py"), "--child", json.dumps(spec), str(out)], log)
     if done.returncode == 0 and out.exists():
         return json.loads(out.read_text())
     tail = log.read_text()[-3000:]
@@ -273,37 +246,10 @@ def matmul_probe(threads: int, batch_sizes: list[int], work: Path) -> dict:
     """benchmarks/flops.py's throughput probe, in a fresh process on ``threads`` threads."""
     out = work / "probe.log"
     args = [str(HERE / "flops.py"), "--threads", str(threads), "--batch-sizes"]
-    done = _spawn([*args, *map(str, sorted(set(batch_sizes)))], out)
+    done = run_python([*args, *map(str, sorted(set(batch_sizes)))], out)
     if done.returncode != 0:
         raise RuntimeError(f"the matmul probe failed:\n{out.read_text()[-3000:]}")
     return json.loads(out.read_text().strip().splitlines()[-1])
-
-
-def machine() -> dict:
-    """CPU model, logical CPUs, and the versions that matter."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for package in ("torch", "pyro-ppl", "scvi-tools", "scib-metrics", "anndata"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "pyrosc_commit": commit or "unknown",
-        **versions,
-    }
 
 
 def flops_per_cell(row: dict) -> int:
