@@ -25,18 +25,18 @@ from views import DATA, load_view
 import pyrosc
 
 
-def scib_scores(adata: ad.AnnData) -> dict[str, float]:
-    """scib-metrics' aggregate scores of ``adata.obsm["X_pyrosc"]`` (labelled cells)."""
+def scib_scores(adata: ad.AnnData, key: str = "X_pyrosc") -> dict[str, float]:
+    """scib-metrics' aggregate scores of the latent ``adata.obsm[key]`` (labelled cells)."""
     from scib_metrics.benchmark import Benchmarker
 
     labelled = adata[adata.obs["cell_type"].notna()].copy()
-    labelled.obsm["Unintegrated"] = labelled.obsm["X_pyrosc"]  # Benchmarker wants a baseline
+    labelled.obsm["Unintegrated"] = labelled.obsm[key]  # Benchmarker wants a baseline
     bench = Benchmarker(
-        labelled, batch_key="batch", label_key="cell_type", embedding_obsm_keys=["X_pyrosc"]
+        labelled, batch_key="batch", label_key="cell_type", embedding_obsm_keys=[key]
     )
     bench.benchmark()
     table = bench.get_results(min_max_scale=False)
-    row = table.loc["X_pyrosc"]
+    row = table.loc[key]
     return {
         "bio_conservation": round(float(row["Bio conservation"]), 3),
         "batch_correction": round(float(row["Batch correction"]), 3),
