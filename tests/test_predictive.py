@@ -333,7 +333,7 @@ def test_every_model_answers_every_question(cls, options):
     replicated = model.posterior_predictive(n_samples=2)
     decoded = model.counterfactual()
     check = model.predictive_check(n_samples=5)
-    scores = model.cell_scores(n_samples=3)
+    scores = model.cell_scores(n_samples=3, per_gene=True)
 
     for result in (simulated, replicated, decoded):
         assert result.X.dtype == np.int64
@@ -343,7 +343,7 @@ def test_every_model_answers_every_question(cls, options):
     assert simulated.n_obs == 20 and replicated.n_obs == 120 and decoded.n_obs == 60
     assert list(replicated.obs["replicate"].unique()) == [0, 1]
     np.testing.assert_allclose(decoded.layers["normalized"].sum(axis=1), 1e4, rtol=1e-4)
-    assert len(check.summary) == 5 and np.isfinite(scores["log_likelihood"]).all()
+    assert len(check.summary) == 5 and scores.shape == (60, 9) and np.isfinite(scores).all(None)
     # Only the documented slot changed.
     assert list(adata.obs.columns) == [*before.obs.columns, "pyrosc_log_likelihood"]
     np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
