@@ -1,11 +1,12 @@
 """The benchmark views of ../shared/data/hvg2000/ (fixed genes and train/test split), shared by
-the benchmark scripts."""
+the benchmark scripts, and a markdown table for their results."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
 
 #: ../shared/data/hvg2000 beside this repository (not shipped with it).
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hvg2000"
@@ -17,3 +18,15 @@ def load_view(data_dir: Path, dataset: str) -> tuple[ad.AnnData, ad.AnnData, ad.
     train = adata[adata.obs["split"] == "train"].copy()
     test = adata[adata.obs["split"] == "test"].copy()
     return adata, train, test
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
+    """``table`` as a GitHub markdown table, floats rounded to ``digits`` places."""
+
+    def cell(value: object) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |"]
+    lines.append("|" + "---|" * len(table.columns))
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)

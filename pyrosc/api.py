@@ -10,8 +10,7 @@ parameters (a private parameter-store scope), so models fitted in one session ne
 from __future__ import annotations
 
 import json
-import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -23,9 +22,9 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from torch import Tensor, nn
+from torch import nn
 
-from pyrosc import evaluate
+from pyrosc import evaluate, predictive
 from pyrosc.data import CountData, from_anndata, split_cells
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide, scvi_guide, vae_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
@@ -39,6 +38,7 @@ GMVAE_GUIDES = ("marginal", "scvae")
 _LATENT_KEY = "X_pyrosc"
 _CLUSTER_PROBS_KEY = "pyrosc_cluster_probs"
 _CLUSTER_KEY = "pyrosc_cluster"
+_LOG_LIKELIHOOD_KEY = "pyrosc_log_likelihood"
 _SAVE_FORMAT = 1
 
 
@@ -216,6 +216,242 @@ class PyroscModel:
         with self._scope() as (model, guide, networks):
             return evaluate.elbo(
                 model, guide, data, n_samples, networks=networks, device=self.device
+            )
+
+    # -- asking the model (pyrosc.predictive) ---------------------------------------------
+
+    def _covariates(self, batch: str | None, covariates: Mapping[str, str] | None) -> dict:
+        """``batch`` and the other ``covariates`` as one obs column -> category mapping."""
+        named = dict(covariates or {})
+        if batch is not None:
+            key = self.config.get("batch_key")
+            if key is None:
+                raise ValueError(
+                    f"batch={batch!r} needs a model with a batch_key; this "
+                    f"{type(self).__name__} has none"
+                )
+            named[key] = batch
+        return named
+
+    def simulate(
+        self,
+        n_cells: int,
+        batch: str | None = None,
+        covariates: Mapping[str, str] | None = None,
+        library: float | np.ndarray | None = None,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        """New cells from the generative model with its fitted parameters
+        (:func:`pyrosc.predictive.simulate`).
+
+        Each cell's other covariates and library size come from a training cell drawn at random
+        among those of ``batch`` (and ``covariates``); a latent library is drawn from its prior.
+
+        Args:
+            n_cells: how many cells.
+            batch: the batch of every cell (a model with a batch_key); None: as the templates.
+            covariates: other categorical covariates, obs column -> category.
+            library: a library size for every cell (a number or ``(n_cells,)``); None: the
+                templates' (or, for a latent library, its prior).
+            seed: seeds the simulation (the global random state is left as it was).
+
+        Returns:
+            AnnData ``(n_cells, genes)``: integer counts in ``X`` (CSR), covariates and
+            ``library`` in obs, latents in obs (``y``) and obsm (``z``).
+        """
+        named = self._covariates(batch, covariates)
+        with self._scope() as (model, _, networks):
+            return predictive.simulate(
+                model,
+                n_cells,
+                data=self.data,
+                covariates=named,
+                library=library,
+                seed=seed,
+                networks=networks,
+                device=self.device,
+            )
+
+    def posterior_predictive(
+        self, adata: ad.AnnData | None = None, n_samples: int = 1, seed: int = 0
+    ) -> ad.AnnData:
+        """Replicated counts of the cells of ``adata``: latents from the posterior, counts from
+        the model (:func:`pyrosc.predictive.posterior_predictive`).
+
+        Args:
+            adata: the cells, with the training genes (default: the training AnnData).
+            n_samples: replicates per cell.
+            seed: seeds the draws (the global random state is left as it was).
+
+        Returns:
+            AnnData of ``n_samples * cells`` rows (replicate ``r`` of cell ``i`` in row
+            ``r * cells + i``; obs ``cell`` and ``replicate``), integer counts in ``X``.
+        """
+        _, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            return predictive.posterior_predictive(
+                model, guide, data, n_samples, seed=seed, networks=networks, device=self.device
+            )
+
+    def counterfactual(
+        self,
+        adata: ad.AnnData | None = None,
+        batch: str | None = None,
+        covariates: Mapping[str, str] | None = None,
+        n_samples: int = 1,
+        library_size: float | str = 1e4,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        """Each cell decoded as if it came from ``batch`` (and ``covariates``): its latents
+        inferred with its real batch, its counts drawn with the new one
+        (:func:`pyrosc.predictive.counterfactual`).
+
+        Args:
+            adata: the cells, with the training genes (default: the training AnnData).
+            batch: the batch to decode in; None: each cell's own.
+            covariates: other categorical covariates to set, obs column -> category.
+            n_samples: posterior draws per cell.
+            library_size: ``l'`` of ``layers["normalized"]`` (``l' rho``), or ``"latent"``.
+            seed: seeds the draws; with the same seed, decoding into each cell's own batch
+                gives :meth:`posterior_predictive`'s counts exactly.
+
+        Returns:
+            the AnnData of :meth:`posterior_predictive` with the new covariates in obs and the
+            normalised expression in ``layers["normalized"]``.
+        """
+        named = self._covariates(batch, covariates)
+        _, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            return predictive.counterfactual(
+                model,
+                guide,
+                data,
+                named,
+                n_samples,
+                library_size=library_size,
+                seed=seed,
+                networks=networks,
+                device=self.device,
+            )
+
+    def predictive_check(
+        self, adata: ad.AnnData | None = None, n_samples: int = 100, seed: int = 0
+    ) -> predictive.PredictiveCheck:
+        """Posterior predictive checks: each gene's mean, variance and fraction of zeros and
+        each cell's library size and coefficient of variation against their distribution over
+        ``n_samples`` replicated datasets (:func:`pyrosc.predictive.predictive_check`).
+
+        Returns:
+            a :class:`pyrosc.predictive.PredictiveCheck`: ``.genes``, ``.cells``, ``.summary``
+            (the share of each statistic inside its replicated 95% interval) and ``.plot()``.
+        """
+        _, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            return predictive.predictive_check(
+                model, guide, data, n_samples, seed=seed, networks=networks, device=self.device
+            )
+
+    def cell_scores(
+        self,
+        adata: ad.AnnData | None = None,
+        n_samples: int = 200,
+        per_gene: bool = False,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """How plausible the model finds each cell: the importance-sampled ``log p(x)`` of
+        :meth:`log_likelihood`, to flag low-quality cells or doublets
+        (:func:`pyrosc.predictive.cell_scores`).
+
+        Also written to ``adata.obs["pyrosc_log_likelihood"]``.
+
+        Args:
+            adata: the cells, with the training genes (default: the training AnnData).
+            n_samples: importance samples K per cell.
+            per_gene: add one column per gene: its posterior-mean log-likelihood
+                ``E_q[log p(x_g | z)]``.
+            seed: seeds the draws (the global random state is left as it was).
+
+        Returns:
+            DataFrame indexed by obs_names: ``log_likelihood`` (nats) [and one column per gene].
+        """
+        adata, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            scores = predictive.cell_scores(
+                model,
+                guide,
+                data,
+                n_samples,
+                per_gene=per_gene,
+                seed=seed,
+                networks=networks,
+                device=self.device,
+            )
+        adata.obs[_LOG_LIKELIHOOD_KEY] = scores["log_likelihood"].to_numpy()
+        return scores
+
+    def _transform_batches(self, transform_batch: str | Sequence[str]) -> list[dict[str, str]]:
+        """One covariate setting per batch name in ``transform_batch`` (one name or several)."""
+        key = self.config.get("batch_key")
+        if key is None:
+            raise ValueError("transform_batch needs a model with a batch_key; this one has none")
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        if not names:
+            raise ValueError("transform_batch is an empty list; give at least one batch name")
+        known = self.data.covariate_categories[key]
+        unknown = [name for name in names if str(name) not in known]
+        if unknown:
+            raise ValueError(
+                f"transform_batch names batch(es) {unknown} that are not in obs[{key!r}] of the "
+                f"training data; the known batches are: {known}"
+            )
+        return [{key: str(name)} for name in names]
+
+    def normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        batch_size: int = 256,
+    ) -> np.ndarray:
+        """Posterior mean of each cell's expected expression ``l' rho``, as scvi-tools'
+        ``get_normalized_expression`` (:func:`pyrosc.predictive.normalized_expression`).
+
+        ``rho`` is decoded from the posterior (``n_samples`` draws, averaged), read from the
+        model's ``proportions`` site: the guide is traced with the cell's own batch, and the
+        model rerun at its draws with the batch replaced (a counterfactual: the cell as if it
+        came from that batch).
+
+        Args:
+            adata: cells to decode, with the training genes (default: the training AnnData).
+            transform_batch: None (each cell's own batch), a batch name (every cell decoded as
+                if from that batch), or a list of names (the mean over those batches).
+            library_size: ``l'``, a positive number (1: proportions; 1e4: counts per 10k), or
+                ``"latent"``: each cell's library (its total count, or draws of the latent
+                library from ``q(l | x)``).
+            n_samples: draws from the posterior per cell.
+            batch_size: cells per pass.
+
+        Returns:
+            ``(cells, genes)`` float32 array.
+
+        Raises:
+            ValueError: an unknown batch name, a model without a batch_key given a
+                transform_batch, a bad library_size or n_samples.
+        """
+        settings = None if transform_batch is None else self._transform_batches(transform_batch)
+        _, data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            return predictive.normalized_expression(
+                model,
+                guide,
+                data,
+                settings,
+                library_size,
+                n_samples,
+                networks=networks,
+                batch_size=batch_size,
+                device=self.device,
             )
 
     # -- persistence -----------------------------------------------------------------------
@@ -536,55 +772,6 @@ class GMVAE(PyroscModel):
 SCVI_LIBRARIES = ("observed", "latent")
 
 
-def _is_positive_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
-
-
-def _as_batch(minibatch: dict[str, Tensor], code: int) -> dict[str, Tensor]:
-    """The minibatch with every cell's batch (and so its first covariate) set to ``code``."""
-    covariates = minibatch["covariates"].clone()
-    covariates[:, 0] = code
-    batch = torch.full_like(minibatch["batch"], code)
-    return {**minibatch, "batch": batch, "covariates": covariates}
-
-
-def _posterior_model_traces(
-    model: Callable,
-    guide: Callable,
-    minibatch: dict[str, Tensor],
-    model_data: list[dict[str, Tensor]],
-    n_samples: int,
-) -> list[poutine.Trace]:
-    """Traces of the model replayed at ``n_samples`` draws of the guide given ``minibatch``:
-    one trace per entry of ``model_data`` (the data the model is given), all at the same draws.
-
-    The draws lie on a ``particles`` plate left of the cells: every site of the traces gains a
-    leading ``(n_samples,)`` dimension.
-    """
-    with poutine.block(), pyro.plate("particles", n_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(
-            **evaluate.model_kwargs(guide, minibatch, None)
-        )
-        replayed = poutine.trace(poutine.replay(model, trace=guide_trace))
-        return [replayed.get_trace(**evaluate.model_kwargs(model, d, None)) for d in model_data]
-
-
-def _expected_expression(
-    model_trace: poutine.Trace, minibatch: dict[str, Tensor], library_size: float | str
-) -> Tensor:
-    """``(cells, genes)`` mean over the draws of ``l' rho``, rho from the ``proportions`` site;
-    ``l'`` is ``library_size``, or with ``"latent"`` the library the model used: its
-    ``library`` site, or the observed totals when it has none."""
-    proportions = model_trace.nodes["proportions"]["value"]  # (n_samples, cells, genes)
-    if library_size == "latent":
-        if "library" in model_trace.nodes:
-            library = model_trace.nodes["library"]["value"]  # (n_samples, cells)
-        else:
-            library = minibatch["library"]
-        return (library.unsqueeze(-1) * proportions).mean(dim=0)
-    return library_size * proportions.mean(dim=0)
-
-
 class SCVI(PyroscModel):
     """scVI (Lopez et al. 2018): a VAE whose decoder sees the batch and other covariates.
 
@@ -726,72 +913,3 @@ class SCVI(PyroscModel):
         )
         guide = partial(scvi_guide, encoder=encoder, library_encoder=library_encoder)
         return model, guide, networks
-
-    def _batch_codes(self, transform_batch: str | Sequence[str]) -> list[int]:
-        """Codes of the batch names in ``transform_batch`` (one name or several)."""
-        key = self.config["batch_key"]
-        if key is None:
-            raise ValueError("transform_batch needs a model with a batch_key; this one has none")
-        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
-        if not names:
-            raise ValueError("transform_batch is an empty list; give at least one batch name")
-        known = self.data.covariate_categories[key]
-        unknown = [name for name in names if str(name) not in known]
-        if unknown:
-            raise ValueError(
-                f"transform_batch names batch(es) {unknown} that are not in obs[{key!r}] of the "
-                f"training data; the known batches are: {known}"
-            )
-        return [known.index(str(name)) for name in names]
-
-    @torch.no_grad()
-    def normalized_expression(
-        self,
-        adata: ad.AnnData | None = None,
-        transform_batch: str | Sequence[str] | None = None,
-        library_size: float | str = 1,
-        n_samples: int = 1,
-        batch_size: int = 256,
-    ) -> np.ndarray:
-        """Posterior mean of each cell's expected expression ``l' rho``, as scvi-tools'
-        ``get_normalized_expression``.
-
-        ``rho`` is decoded from ``z ~ q(z | x)`` (``n_samples`` draws, averaged), read from the
-        model's ``proportions`` site: the guide is traced, and the model replayed against it
-        with the batch replaced (a counterfactual: the cell as if it came from that batch).
-
-        Args:
-            adata: cells to decode, with the training genes (default: the training AnnData).
-            transform_batch: None (each cell's own batch), a batch name (every cell decoded as
-                if from that batch), or a list of names (the mean over those batches).
-            library_size: ``l'``, a positive number (1: proportions; 1e4: counts per 10k), or
-                ``"latent"``: each cell's library (its total count, or draws of the latent
-                library from ``q(l | x)``).
-            n_samples: draws from the guide per cell.
-            batch_size: cells per pass.
-
-        Returns:
-            ``(cells, genes)`` float32 array.
-
-        Raises:
-            ValueError: an unknown batch name, a model without a batch_key given a
-                transform_batch, a bad library_size or n_samples.
-        """
-        if not (library_size == "latent" or _is_positive_number(library_size)):
-            raise ValueError(f"library_size must be 'latent' or positive, got {library_size!r}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        codes = None if transform_batch is None else self._batch_codes(transform_batch)
-        _, data = self._data_for(adata)
-        chunks = []
-        with self._scope() as (model, guide, networks), evaluate.eval_mode(networks):
-            for start in range(0, data.n_cells, batch_size):
-                index = np.arange(start, min(start + batch_size, data.n_cells))
-                minibatch = data.minibatch(index, self.device)
-                as_batches = (
-                    [minibatch] if codes is None else [_as_batch(minibatch, c) for c in codes]
-                )
-                traces = _posterior_model_traces(model, guide, minibatch, as_batches, n_samples)
-                expression = [_expected_expression(t, minibatch, library_size) for t in traces]
-                chunks.append(torch.stack(expression).mean(dim=0).cpu())
-        return torch.cat(chunks).numpy().astype(np.float32)

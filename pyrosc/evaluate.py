@@ -24,6 +24,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Independent
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
@@ -74,10 +75,15 @@ def trace_pair(
 
 def max_plate_nesting(model: Callable, guide: Callable, kwargs: dict) -> int:
     """How many plates the pair nests at most (1 for a model with only the ``cells`` plate)."""
+    return plate_nesting(*trace_pair(model, guide, kwargs))
+
+
+def plate_nesting(*traces: poutine.Trace) -> int:
+    """How many plates the sample sites of ``traces`` nest at most."""
     return max(
         (
             sum(frame.vectorized for frame in site["cond_indep_stack"])
-            for trace in trace_pair(model, guide, kwargs)
+            for trace in traces
             for site in trace.nodes.values()
             if site["type"] == "sample"
         ),
@@ -121,6 +127,16 @@ def _per_cell_log_prob(site: dict, rank: int) -> Tensor:
         log_prob = log_prob.sum(dim=other_plates, keepdim=True)
     enumeration = log_prob.shape[: log_prob.dim() - rank]
     return log_prob.reshape(*enumeration, log_prob.shape[-rank], log_prob.shape[cells_dim])
+
+
+def per_dimension_log_prob(site: dict) -> Tensor:
+    """A site's log-density before its last event dimension is summed: ``(..., cells, dims)``
+    (a latent's per dimension, the counts' per gene); a site without an event dimension gets a
+    trailing dimension of size 1."""
+    fn = site["fn"]
+    if isinstance(fn, Independent):
+        return fn.base_dist.log_prob(site["value"])
+    return fn.log_prob(site["value"]).unsqueeze(-1)
 
 
 def log_importance_weights(
@@ -264,8 +280,11 @@ def discrete_posterior(
     return torch.cat(chunks).double().numpy()
 
 
-def _chunks(data: CountData, n_samples: int, batch_size: int | None) -> Iterator[np.ndarray]:
-    """Consecutive cell positions, in chunks that keep particles x cells x genes bounded."""
+def cell_chunks(
+    data: CountData, n_samples: int, batch_size: int | None = None
+) -> Iterator[np.ndarray]:
+    """Consecutive ``(cells,)`` positions of ``data``'s cells, ``batch_size`` at a time, or by
+    default as many as keep an ``(n_samples, cells, genes)`` float tensor near 256 MB."""
     if batch_size is None:
         batch_size = max(1, _CHUNK_FLOATS // max(1, n_samples * data.n_genes))
     for start in range(0, data.n_cells, batch_size):
@@ -288,7 +307,7 @@ def _per_cell(
     particles_per_pass = max(1, min(n_samples, _CHUNK_FLOATS // max(1, data.n_genes)))
     results = []
     with eval_mode(networks):
-        for number, index in enumerate(_chunks(data, particles_per_pass, batch_size)):
+        for number, index in enumerate(cell_chunks(data, particles_per_pass, batch_size)):
             minibatch = data.minibatch(index, device)
             if number == 0:
                 check_local(model, guide, model_kwargs(model, minibatch, None))

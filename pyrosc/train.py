@@ -23,7 +23,6 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import Independent
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
@@ -32,7 +31,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrosc.data import CountData, MinibatchSampler, split_cells
-from pyrosc.evaluate import elbo, max_plate_nesting, model_kwargs, trace_pair
+from pyrosc.evaluate import (
+    elbo,
+    max_plate_nesting,
+    model_kwargs,
+    per_dimension_log_prob,
+    trace_pair,
+)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -80,14 +85,6 @@ def _latent_sites(trace: poutine.Trace) -> list[dict]:
     ]
 
 
-def _per_dimension_log_prob(site: dict) -> Tensor:
-    """Log-density of a site's value per latent dimension: ``(..., cells, dims)``."""
-    fn = site["fn"]
-    if isinstance(fn, Independent):
-        return fn.base_dist.log_prob(site["value"])
-    return fn.log_prob(site["value"]).unsqueeze(-1)
-
-
 def free_bits_loss(free_bits: float) -> Callable:
     """A loss for :class:`pyro.infer.SVI`: the negative ELBO with free bits (Kingma et al. 2016).
 
@@ -114,7 +111,7 @@ def free_bits_loss(free_bits: float) -> Callable:
                     "is not (use free_bits=0)"
                 )
             model_site = model_trace.nodes[guide_site["name"]]
-            log_ratio = _per_dimension_log_prob(guide_site) - _per_dimension_log_prob(model_site)
+            log_ratio = per_dimension_log_prob(guide_site) - per_dimension_log_prob(model_site)
             kl_per_dimension = log_ratio.reshape(-1, log_ratio.shape[-1]).mean(dim=0)
             n_scaled_cells = guide_site["scale"] * log_ratio[..., 0].numel()
             shortfall = torch.relu(free_bits - kl_per_dimension).sum()

@@ -36,6 +36,8 @@ def gmvae_model(
     of K values, an extra dimension on the left), so it is never sampled during training.
     The mixture weights ``w`` are uniform or a learned point on the simplex; the component
     means ``mu`` and scales ``sigma`` are learned parameters.
+    ``rho_n`` is recorded as the deterministic site ``proportions``, so that any utility can
+    read it from a trace of the model (:mod:`pyrosc.predictive`).
 
     Args:
         counts: ``(batch, genes)`` observed counts.
@@ -61,6 +63,7 @@ def gmvae_model(
         y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
         z = pyro.sample("z", dist.Normal(component_locs[y], component_scales[y]).to_event(1))
         proportions, gate_logits = decoder(z)
+        pyro.deterministic("proportions", proportions, event_dim=1)
         observation = expression_likelihood(
             likelihood, library, proportions, inverse_dispersion, gate_logits
         )

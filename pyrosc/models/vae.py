@@ -27,6 +27,8 @@ def vae_model(
 
     with ``l_n`` the cell's observed total count, ``theta_g`` a gene-wise inverse dispersion
     (NB and ZINB) and ``pi_ng`` zero-inflation gate logits from the decoder (ZIP and ZINB).
+    ``rho_n`` is recorded as the deterministic site ``proportions``, so that any utility can
+    read it from a trace of the model (:mod:`pyrosc.predictive`).
 
     Args:
         counts: ``(batch, genes)`` observed counts.
@@ -42,6 +44,7 @@ def vae_model(
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
         z = pyro.sample("z", prior.to_event(1))
         proportions, gate_logits = decoder(z)
+        pyro.deterministic("proportions", proportions, event_dim=1)
         observation = expression_likelihood(
             likelihood, library, proportions, inverse_dispersion, gate_logits
         )
