@@ -339,7 +339,7 @@ def _check_library_size(library_size: float | str) -> None:
 
 
 def _check_n_samples(n_samples: int) -> None:
-    if not isinstance(n_samples, int) or n_samples < 1:
+    if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer of at least 1, got {n_samples!r}")
 
 
@@ -461,7 +461,7 @@ def simulate(
         ValueError: no cell of ``data`` has the given covariates, an unknown covariate, or a
             library size that is not positive.
     """
-    if not isinstance(n_cells, int) or n_cells < 1:
+    if not isinstance(n_cells, numbers.Integral) or n_cells < 1:
         raise ValueError(f"n_cells must be an integer of at least 1, got {n_cells!r}")
     codes = _covariate_codes(data, covariates or {})
     keys = list(data.covariate_categories)
