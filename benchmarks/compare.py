@@ -348,7 +348,7 @@ def flops_notes(rows: list[dict], probe: dict) -> list[str]:
         {(r["likelihood"], r["n_batches"], flops_per_cell(r)) for r in rows if "error" not in r}
     )
     counts = "; ".join(
-        f"{likelihood.upper()} with {n} batch(es): {flops / 1e6:.2f} MFLOP"
+        f"{likelihood.upper()}, {n} batch{'es' if n > 1 else ''}: {flops / 1e6:.2f} MFLOP"
         for likelihood, n, flops in per_cell
     )
     return [
