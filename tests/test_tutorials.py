@@ -22,7 +22,7 @@ TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 SMALL = {
     "PYROSC_TUTORIAL_EPOCHS": "2",
     "PYROSC_TUTORIAL_SAMPLES": "4",
-    "PYROSC_TUTORIAL_CELLS": "400",
+    "PYROSC_TUTORIAL_CELLS": "256",
     "PYROSC_TUTORIAL_REPEATS": "3",
 }
 #: Seconds one notebook may take before it fails (they take well under a minute each).
