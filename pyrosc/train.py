@@ -261,6 +261,8 @@ def train(
         elbo_loss = Trace_ELBO()
 
     pyro_validation = is_validation_enabled()
+    # The data the pair reads, by name (read off its signature once, not at every step).
+    wanted = model_kwargs(model, first, None).keys()
     kl_weight = ScaleLatents(1.0)
     warm_model, warm_guide = kl_weight(model), kl_weight(guide)
     loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
@@ -274,14 +276,12 @@ def train(
             networks.train()
         total_loss = torch.zeros((), device=device)
         for index in sampler:
-            minibatch = train_data.minibatch(index, device)
+            minibatch = train_data.minibatch(index, device) | {"n_cells": train_data.n_cells}
             # The first step runs with Pyro's validation as the caller set it (the support,
             # shape and NaN checks catch a broken model at once); later steps skip those
             # checks, which cost ~10 % of a step: the counts were validated on the way in.
             with pyro.validation_enabled(optimizer is None and pyro_validation):
-                loss = loss_fn(
-                    warm_model, warm_guide, **model_kwargs(model, minibatch, train_data.n_cells)
-                )
+                loss = loss_fn(warm_model, warm_guide, **{key: minibatch[key] for key in wanted})
             if optimizer is None:  # parameters exist once the pair has run
                 optimizer = _adam(lr)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,279 @@
+"""The NB and ZINB log-probabilities of a training step, each compiled into one fused loop.
+
+Written elementwise in eager PyTorch (:func:`pyrosc.likelihoods._log_prob_and_gradients`,
+:func:`pyrosc.likelihoods._zero_inflate`), the log-probability of a (cells, genes) minibatch
+and its derivatives take ~40 passes over the whole array plus a dozen small operations for
+the counts beyond the count tables, each one reading and writing memory or paying PyTorch's
+per-operation overhead: on a 2-core CPU ~40 % of an scVI training step. Here the same formulas
+are written once, as functions of the elementwise inputs, and handed to ``torch.compile``,
+which fuses them into one vectorised loop that reads the mean, counts and gate logits once and
+writes the log-probability and its derivatives once.
+
+What is compiled is only arithmetic: the autograd functions below form the derivatives in the
+forward pass (as their eager counterparts do) and the backward multiplies them by the incoming
+gradient, so no autograd graph is traced. The per-gene terms (count tables E(theta, k),
+F(theta, k) for k < :data:`TABLE_SIZE`, and the Stirling remainder of theta) come from the
+caller (:func:`pyrosc.likelihoods._gene_terms`); counts beyond the tables take the Stirling
+form of :func:`pyrosc.likelihoods._remainder_terms` inside the loop.
+
+The fused path is taken for the training case only: float32 on the CPU, a gradient needed, a
+2-D ``(cells, genes)`` mean (and gate) with the counts' shape, and one ``theta`` per gene.
+Everything else (evaluation with many particles, float64, CUDA, broadcasting, counts that are
+not non-negative integers) runs the eager code, which the fused one is tested against. Set the
+environment variable ``PYROSC_COMPILE=0`` to turn it off; if compiling fails (no C++ compiler,
+say) pyrosc warns once and uses the eager code from then on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+#: Counts below this are looked up in per-gene tables (rows 0..TABLE_SIZE-1); the others take
+#: the Stirling series, which is accurate from 10 on.
+TABLE_SIZE = 32
+
+#: Stirling's remainder is taken from its series from here on (below it, from lgamma).
+SERIES_FROM = 10.0
+
+_REMAINDER_AT_ONE = 1 - 0.5 * math.log(2 * math.pi)
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def stirling_series(z: Tensor) -> Tensor:
+    """lgamma(z) - (z - 1/2) log z + z - 1 for z >= :data:`SERIES_FROM`, from the series
+    1 / (12 z) - 1 / (360 z^3) + 1 / (1260 z^5) - 1 / (1680 z^7) (omitted terms < 1e-12),
+    shifted by the remainder's value at 1 (see :func:`pyrosc.likelihoods._stirling_remainder`)."""
+    r = z.reciprocal()
+    r2 = r * r
+    return r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 / 1680))) - _REMAINDER_AT_ONE
+
+
+def stirling_series_derivative(z: Tensor) -> Tensor:
+    """d/dz :func:`stirling_series` = -1 / (12 z^2) + 1 / (120 z^4) - 1 / (252 z^6)
+    + 1 / (240 z^8), for z >= :data:`SERIES_FROM` (omitted terms < 1e-12)."""
+    r2 = z.reciprocal().square()
+    return -r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 / 240)))
+
+
+def _invalid(value: Tensor) -> Tensor:
+    """Whether any count is negative, not an integer, infinite or NaN (a 0-d bool): then the
+    tables do not apply, and the caller runs the eager code."""
+    return ((value < 0) | (value != value.floor()) | (value == math.inf)).any()
+
+
+def _negative_binomial(
+    mean: Tensor,
+    theta: Tensor,
+    value: Tensor,
+    table_e: Tensor,
+    table_f: Tensor,
+    remainder: Tensor,
+    remainder_derivative: Tensor,
+    inverse_theta: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """log NB(value | mean, theta), its derivatives in mean and theta, and :func:`_invalid`.
+
+    The formulas of :func:`pyrosc.likelihoods._log_prob_and_gradients` (see the notes there):
+    log p = t q + x w + E with q = log((t + x) / (t + m)) and w = log(m (t + x) / ((t + m)
+    (x + 1))), each a log1p of a ratio formed without cancellation. E and F = dE/dt are looked
+    up in ``table_e``, ``table_f`` (flat ``(TABLE_SIZE * genes,)``, row = count) for counts
+    below :data:`TABLE_SIZE`; for larger ones they are :func:`pyrosc.likelihoods._remainder_terms`
+    from ``remainder`` = R(theta), ``remainder_derivative`` = R'(theta) and ``inverse_theta``
+    (each ``(genes,)``), with the series cut to two terms (the next is < 3e-11 from 32 on) and
+    the two half-logs merged into one log of a number >= 33, so that the branch costs one
+    division and one log.
+    """
+    genes = value.shape[-1]
+    rows = value.clamp(0, TABLE_SIZE - 1).long()
+    index = rows * genes + torch.arange(genes, device=value.device)
+    total = theta + value
+    both = total * (value + 1)
+    reciprocal = both.reciprocal()
+    r_total, r_count = (value + 1) * reciprocal, total * reciprocal  # 1 / (t + x), 1 / (x + 1)
+    r2_total, r2_count = r_total * r_total, r_count * r_count
+    series_e = (
+        r_total * (1 / 12 - r2_total / 360)
+        - r_count * (1 / 12 - r2_count / 360)
+        - remainder
+        - 0.5 * torch.log(both * inverse_theta)
+    )
+    series_f = (
+        -r2_total * (1 / 12 - r2_total / 120)
+        - remainder_derivative
+        + 0.5 * value * inverse_theta * r_total
+    )
+    large = value >= TABLE_SIZE
+    e = torch.where(large, series_e, table_e[index])
+    f = torch.where(large, series_f, table_f[index])
+    difference = value - mean
+    q = torch.log1p(difference.abs() / (torch.minimum(value, mean) + theta)).copysign(difference)
+    theta_plus_mean = theta + mean
+    smaller = torch.minimum(total * mean, theta_plus_mean * (value + 1)).clamp(min=_TINY)
+    excess = mean + theta * (difference + 1)  # B - A
+    minus_w = torch.log1p(excess.abs() / smaller).copysign(excess)
+    log_prob = e + theta * q - value * minus_w
+    ratio = difference / theta_plus_mean
+    return log_prob, ratio * theta / mean, q - ratio + f, _invalid(value)
+
+
+def _zero_inflated_negative_binomial(
+    mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, *gene_terms: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """log ZINB, its derivatives in mean, theta and the gate logits g, and :func:`_invalid`.
+
+    :func:`pyrosc.likelihoods._zero_inflate` around :func:`_negative_binomial`, with two
+    exponentials, one division and one log per element: with a = exp(-|g|) and b = exp(-|o|)
+    for the odds o = log p - g, pi = sigmoid(g) and sigmoid(o) share the reciprocal of
+    (1 + a)(1 + b); at a zero count the log-probability is softplus(o) - softplus(-g) =
+    max(o, 0) - max(-g, 0) + log1p((b - a) / (1 + a)), elsewhere log p - softplus(g) =
+    log p - max(g, 0) - log1p(a).
+    """
+    log_prob, grad_mean, grad_theta, invalid = _negative_binomial(mean, theta, value, *gene_terms)
+    odds = log_prob - gate_logits
+    a, b = torch.exp(-gate_logits.abs()), torch.exp(-odds.abs())
+    reciprocal = ((1 + a) * (1 + b)).reciprocal()
+    pi = torch.where(gate_logits >= 0, 1.0, a) * (1 + b) * reciprocal
+    sigmoid_odds = torch.where(odds >= 0, 1.0, b) * (1 + a) * reciprocal
+    zero = value == 0
+    log_term = torch.log1p(torch.where(zero, (b - a) * (1 + b) * reciprocal, a))
+    at_zero = odds.clamp(min=0) - (-gate_logits).clamp(min=0) + log_term
+    result = torch.where(zero, at_zero, log_prob - gate_logits.clamp(min=0) - log_term)
+    grad_log_prob = torch.where(zero, sigmoid_odds, 1.0)
+    grad_gate = 1 - (pi + grad_log_prob)
+    return result, grad_log_prob * grad_mean, grad_log_prob * grad_theta, grad_gate, invalid
+
+
+_KERNELS: dict[str, Callable] = {}
+_FAILED: list[str] = []
+
+
+def enabled() -> bool:
+    """Whether the fused path may be used: not turned off, and compiling has not failed."""
+    return os.environ.get("PYROSC_COMPILE", "1") != "0" and not _FAILED
+
+
+def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | None:
+    """``function(*args)`` compiled, once per process and ``name``; None, after a warning, if
+    compiling fails. Compiled for the first shapes seen; a second minibatch size (the ragged
+    last one) makes torch.compile recompile once with symbolic sizes. Compiled code is cached
+    on disk by PyTorch, so later processes skip most of the ~8 s of a first compilation."""
+    if name not in _KERNELS:
+        _KERNELS[name] = torch.compile(function)
+    try:
+        return _KERNELS[name](*args)
+    except Exception as error:  # noqa: BLE001 - any failure to compile means: use eager
+        _FAILED.append(f"{type(error).__name__}: {error}")
+        warnings.warn(
+            f"pyrosc could not compile its fused likelihood ({_FAILED[-1][:300]}); using the "
+            "eager one, which is slower (set PYROSC_COMPILE=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def applies(mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None) -> bool:
+    """Whether the arguments are the training case the fused kernels are for (see the module
+    notes): float32 on the CPU, a gradient needed, mean (and gate) with the counts' 2-D shape,
+    theta one value per gene."""
+    tensors = [mean, theta, value] + ([] if gate_logits is None else [gate_logits])
+    return (
+        enabled()
+        and torch.is_grad_enabled()
+        and any(tensor.requires_grad for tensor in tensors)
+        and not value.requires_grad
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and value.dim() == 2
+        and mean.shape == value.shape
+        and (gate_logits is None or gate_logits.shape == value.shape)
+        and theta.shape == value.shape[-1:]
+    )
+
+
+class _Fallback(Exception):
+    """Raised inside a fused forward when the eager code must run instead (compiling failed,
+    or the counts are not non-negative integers)."""
+
+
+def _outputs(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...]:
+    outputs = run(name, function, *args)
+    if outputs is None or bool(outputs[-1]):
+        raise _Fallback
+    return outputs[:-1]
+
+
+class _NegativeBinomialLogProb(torch.autograd.Function):
+    """Fused NB log-probability, ``(cells, genes)``; derivatives formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, mean: Tensor, theta: Tensor, value: Tensor, *gene_terms: Tensor) -> Tensor:
+        log_prob, grad_mean, grad_theta = _outputs(
+            "nb", _negative_binomial, mean, theta, value, *gene_terms
+        )
+        ctx.save_for_backward(grad_mean, grad_theta)
+        return log_prob
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad_mean, grad_theta = ctx.saved_tensors
+        grads = grad_output * grad_mean, (grad_output * grad_theta).sum(0)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _ZeroInflatedNegativeBinomialLogProb(torch.autograd.Function):
+    """Fused ZINB log-probability, ``(cells, genes)``; derivatives formed in the forward."""
+
+    @staticmethod
+    def forward(
+        ctx, mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, *gene_terms: Tensor
+    ) -> Tensor:
+        result, grad_mean, grad_theta, grad_gate = _outputs(
+            "zinb", _zero_inflated_negative_binomial, mean, theta, gate_logits, value, *gene_terms
+        )
+        ctx.save_for_backward(grad_mean, grad_theta, grad_gate)
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad_mean, grad_theta, grad_gate = ctx.saved_tensors
+        grads = grad_output * grad_mean, (grad_output * grad_theta).sum(0), grad_output * grad_gate
+        return (*grads, None, None, None, None, None, None)
+
+
+def negative_binomial_log_prob(
+    mean: Tensor, theta: Tensor, value: Tensor, gene_terms: tuple[Tensor, ...]
+) -> Tensor | None:
+    """log NB(value | mean, theta), ``(cells, genes)``, differentiable in mean ``(cells, genes)``
+    and theta ``(genes,)``, for arguments that :func:`applies` accepts; None where the eager code
+    must run instead (compiling failed, or counts that are not non-negative integers).
+
+    ``gene_terms``: the flat float32 tables of E and F and R(theta), R'(theta), as
+    :func:`pyrosc.likelihoods._gene_terms` makes them.
+    """
+    try:
+        return _NegativeBinomialLogProb.apply(mean, theta, value, *gene_terms)
+    except _Fallback:
+        return None
+
+
+def zero_inflated_negative_binomial_log_prob(
+    mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, gene_terms: tuple[Tensor, ...]
+) -> Tensor | None:
+    """log ZINB(value | mean, theta, gate logits), ``(cells, genes)``, differentiable in mean
+    and gate logits ``(cells, genes)`` and theta ``(genes,)``; None where the eager code must run.
+    Arguments as :func:`negative_binomial_log_prob`."""
+    try:
+        return _ZeroInflatedNegativeBinomialLogProb.apply(
+            mean, theta, gate_logits, value, *gene_terms
+        )
+    except _Fallback:
+        return None
