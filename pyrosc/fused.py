@@ -36,30 +36,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 #: Counts below this are looked up in per-gene tables (rows 0..TABLE_SIZE-1); the others take
-#: the Stirling series, which is accurate from 10 on.
+#: Stirling's series.
 TABLE_SIZE = 32
 
-#: Stirling's remainder is taken from its series from here on (below it, from lgamma).
-SERIES_FROM = 10.0
-
-_REMAINDER_AT_ONE = 1 - 0.5 * math.log(2 * math.pi)
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def stirling_series(z: Tensor) -> Tensor:
-    """lgamma(z) - (z - 1/2) log z + z - 1 for z >= :data:`SERIES_FROM`, from the series
-    1 / (12 z) - 1 / (360 z^3) + 1 / (1260 z^5) - 1 / (1680 z^7) (omitted terms < 1e-12),
-    shifted by the remainder's value at 1 (see :func:`pyrosc.likelihoods._stirling_remainder`)."""
-    r = z.reciprocal()
-    r2 = r * r
-    return r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 / 1680))) - _REMAINDER_AT_ONE
-
-
-def stirling_series_derivative(z: Tensor) -> Tensor:
-    """d/dz :func:`stirling_series` = -1 / (12 z^2) + 1 / (120 z^4) - 1 / (252 z^6)
-    + 1 / (240 z^8), for z >= :data:`SERIES_FROM` (omitted terms < 1e-12)."""
-    r2 = z.reciprocal().square()
-    return -r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 / 240)))
 
 
 def _invalid(value: Tensor) -> Tensor:

@@ -18,8 +18,11 @@ with NB mean mu and variance mu + mu^2 / theta, and pi the probability of an ext
 accurate in float32 for large theta and is fast (it is the largest cost of a training step):
 see the notes before :data:`_TABLE_SIZE`. The ZINB is Pyro's ZeroInflatedDistribution around
 it, with the mixture's log-probability fused (:class:`_ZeroInflatedNegativeBinomial`).
-Log-probabilities are tested against scipy.stats over counts 0..1e5, means 1e-3..1e4 and theta
-1e-3..1e6.
+In a training step (float32 on the CPU, a gradient needed, theta per gene) the NB and ZINB
+log-probabilities run as one compiled loop each (:mod:`pyrosc.fused`, same formulas); every
+other case runs the eager code here. Log-probabilities are tested against scipy.stats over
+counts 0..1e5, means 1e-3..1e4 and theta 1e-3..1e6, and the fused ones against float64 truth
+and the eager code.
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
 
 # Stirling's formula: lgamma(z) = (z - 1/2) log z - z + log(2 pi) / 2 + a remainder that is
 # 1 / (12 z) - 1 / (360 z^3) + 1 / (1260 z^5) - 1 / (1680 z^7) + O(z^-9); for z >= 10 the
-# omitted terms are below 1 / (1188 * 10^9) < 1e-12 (the series: pyrosc.fused, which shares it).
-_SERIES_FROM = fused.SERIES_FROM
+# omitted terms are below 1 / (1188 * 10^9) < 1e-12.
+_SERIES_FROM = 10.0
+_REMAINDER_AT_ONE = 1 - 0.5 * math.log(2 * math.pi)
 
 
 def _stirling_remainder(z: Tensor) -> Tensor:
@@ -109,7 +113,9 @@ def _stirling_remainder(z: Tensor) -> Tensor:
     """
     small = z.clamp(max=_SERIES_FROM)
     direct = torch.lgamma(small) - (small - 0.5) * small.log() + small - 1
-    series = fused.stirling_series(z.clamp(min=_SERIES_FROM))
+    r = z.clamp(min=_SERIES_FROM).reciprocal()
+    r2 = r * r
+    series = r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 / 1680))) - _REMAINDER_AT_ONE
     # Both branches are finite everywhere (clamped), so the unused one's zero gradient is not NaN.
     return torch.where(z < _SERIES_FROM, direct, series)
 
@@ -124,7 +130,8 @@ def _stirling_remainder_derivative(z: Tensor) -> Tensor:
     """
     small = z.clamp(max=_SERIES_FROM)
     direct = torch.digamma(small) - small.log() + 0.5 / small
-    series = fused.stirling_series_derivative(z.clamp(min=_SERIES_FROM))
+    r2 = z.clamp(min=_SERIES_FROM).reciprocal().square()
+    series = -r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 / 240)))
     return torch.where(z < _SERIES_FROM, direct, series)
 
 
@@ -170,6 +177,8 @@ def _stirling_remainder_derivative(z: Tensor) -> Tensor:
 #
 # What is left is ~30 cheap elementwise passes over (batch, genes), for which memory traffic
 # and fresh allocations matter as much as arithmetic: they are done in place where possible.
+# In a training step they are one compiled loop instead (pyrosc.fused), which also handles the
+# counts beyond the tables inside the loop, from the same Stirling remainders.
 # ---------------------------------------------------------------------------------------------
 
 # Counts below this are looked up in per-gene tables. In single-cell data nearly all counts
