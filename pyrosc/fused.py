@@ -162,10 +162,12 @@ def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | No
 def applies(mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None) -> bool:
     """Whether the arguments are the training case the fused kernels are for (see the module
     notes): float32 on the CPU, a gradient needed, mean (and gate) with the counts' 2-D shape,
-    theta one value per gene."""
+    theta one value per gene, and plain tensors (not subclasses such as the provenance-tracking
+    tensors of Pyro's TraceGraph_ELBO, which must see every operation)."""
     tensors = [mean, theta, value] + ([] if gate_logits is None else [gate_logits])
     return (
         enabled()
+        and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
         and torch.is_grad_enabled()
         and any(tensor.requires_grad for tensor in tensors)
         and not value.requires_grad
