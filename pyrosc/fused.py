@@ -9,8 +9,8 @@ are written once, as functions of the elementwise inputs, and handed to ``torch.
 which fuses them into one vectorised loop that reads the mean, counts and gate logits once and
 writes the log-probability and its derivatives once.
 
-What is compiled is only arithmetic: the autograd functions below form the derivatives in the
-forward pass (as their eager counterparts do) and the backward multiplies them by the incoming
+What is compiled is only arithmetic: the autograd function below forms the derivatives in the
+forward pass (as its eager counterparts do) and the backward multiplies them by the incoming
 gradient, so no autograd graph is traced. The per-gene terms (count tables E(theta, k),
 F(theta, k) for k < :data:`TABLE_SIZE`, and the Stirling remainder of theta) come from the
 caller (:func:`pyrosc.likelihoods._gene_terms`); counts beyond the tables take the Stirling
@@ -180,82 +180,66 @@ def applies(mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | No
 
 
 class _Fallback(Exception):
-    """Raised inside a fused forward when the eager code must run instead (compiling failed,
+    """Raised inside the fused forward when the eager code must run instead (compiling failed,
     or the counts are not non-negative integers)."""
 
 
-def _outputs(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...]:
-    outputs = run(name, function, *args)
-    if outputs is None or bool(outputs[-1]):
-        raise _Fallback
-    return outputs[:-1]
-
-
-class _NegativeBinomialLogProb(torch.autograd.Function):
-    """Fused NB log-probability, ``(cells, genes)``; derivatives formed in the forward."""
+class _FusedLogProb(torch.autograd.Function):
+    """Fused NB (no gate) or ZINB log-probability, ``(cells, genes)``; its derivatives are
+    formed in the forward, and the backward only multiplies them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, mean: Tensor, theta: Tensor, value: Tensor, *gene_terms: Tensor) -> Tensor:
-        log_prob, grad_mean, grad_theta = _outputs(
-            "nb", _negative_binomial, mean, theta, value, *gene_terms
-        )
-        ctx.save_for_backward(grad_mean, grad_theta)
+    def forward(
+        ctx,
+        mean: Tensor,
+        theta: Tensor,
+        gate_logits: Tensor | None,
+        value: Tensor,
+        *gene_terms: Tensor,
+    ) -> Tensor:
+        if gate_logits is None:
+            outputs = run("nb", _negative_binomial, mean, theta, value, *gene_terms)
+        else:
+            outputs = run(
+                "zinb",
+                _zero_inflated_negative_binomial,
+                mean,
+                theta,
+                gate_logits,
+                value,
+                *gene_terms,
+            )
+        if outputs is None or bool(outputs[-1]):
+            raise _Fallback
+        log_prob, *derivatives = outputs[:-1]
+        ctx.save_for_backward(*derivatives)
         return log_prob
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad_mean, grad_theta = ctx.saved_tensors
-        grads = grad_output * grad_mean, (grad_output * grad_theta).sum(0)
-        return (*grads, None, None, None, None, None, None)
+        grad_mean, grad_theta, *grad_gate = ctx.saved_tensors
+        grads = [grad_output * grad_mean, (grad_output * grad_theta).sum(0)]
+        grads.append(grad_output * grad_gate[0] if grad_gate else None)
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))  # value, gene terms
 
 
-class _ZeroInflatedNegativeBinomialLogProb(torch.autograd.Function):
-    """Fused ZINB log-probability, ``(cells, genes)``; derivatives formed in the forward."""
-
-    @staticmethod
-    def forward(
-        ctx, mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, *gene_terms: Tensor
-    ) -> Tensor:
-        result, grad_mean, grad_theta, grad_gate = _outputs(
-            "zinb", _zero_inflated_negative_binomial, mean, theta, gate_logits, value, *gene_terms
-        )
-        ctx.save_for_backward(grad_mean, grad_theta, grad_gate)
-        return result
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad_mean, grad_theta, grad_gate = ctx.saved_tensors
-        grads = grad_output * grad_mean, (grad_output * grad_theta).sum(0), grad_output * grad_gate
-        return (*grads, None, None, None, None, None, None)
-
-
-def negative_binomial_log_prob(
-    mean: Tensor, theta: Tensor, value: Tensor, gene_terms: tuple[Tensor, ...]
+def log_prob(
+    mean: Tensor,
+    theta: Tensor,
+    value: Tensor,
+    gene_terms: tuple[Tensor, ...],
+    gate_logits: Tensor | None = None,
 ) -> Tensor | None:
-    """log NB(value | mean, theta), ``(cells, genes)``, differentiable in mean ``(cells, genes)``
-    and theta ``(genes,)``, for arguments that :func:`applies` accepts; None where the eager code
-    must run instead (compiling failed, or counts that are not non-negative integers).
+    """log NB(value | mean, theta), or the ZINB with ``gate_logits``, ``(cells, genes)``:
+    differentiable in mean and gate logits ``(cells, genes)`` and theta ``(genes,)``, for
+    arguments that :func:`applies` accepts; None where the eager code must run instead
+    (compiling failed, or counts that are not non-negative integers).
 
-    ``gene_terms``: the flat float32 tables of E and F and R(theta), R'(theta), as
+    ``gene_terms``: the flat float32 tables of E and F, R(theta), R'(theta) and 1 / theta, as
     :func:`pyrosc.likelihoods._gene_terms` makes them.
     """
     try:
-        return _NegativeBinomialLogProb.apply(mean, theta, value, *gene_terms)
-    except _Fallback:
-        return None
-
-
-def zero_inflated_negative_binomial_log_prob(
-    mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, gene_terms: tuple[Tensor, ...]
-) -> Tensor | None:
-    """log ZINB(value | mean, theta, gate logits), ``(cells, genes)``, differentiable in mean
-    and gate logits ``(cells, genes)`` and theta ``(genes,)``; None where the eager code must run.
-    Arguments as :func:`negative_binomial_log_prob`."""
-    try:
-        return _ZeroInflatedNegativeBinomialLogProb.apply(
-            mean, theta, gate_logits, value, *gene_terms
-        )
+        return _FusedLogProb.apply(mean, theta, gate_logits, value, *gene_terms)
     except _Fallback:
         return None

@@ -459,6 +459,19 @@ def _gene_terms(theta: Tensor) -> tuple[Tensor, ...]:
     return (*flat, *remainders, theta.reciprocal())
 
 
+def _fused_log_prob(
+    mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None
+) -> Tensor | None:
+    """The NB (or, with ``gate_logits``, ZINB) log-probability from :mod:`pyrosc.fused` in the
+    training case it applies to; None where the eager code must run."""
+    if not fused.applies(mean, theta, value, gate_logits):
+        return None
+    gene_terms = fused.run("gene terms", _gene_terms, theta.detach())
+    if gene_terms is None:
+        return None
+    return fused.log_prob(mean, theta, value, gene_terms, gate_logits)
+
+
 def _negative_binomial_log_prob(
     mean: Tensor, inverse_dispersion: Tensor, value: Tensor, counts_checked: bool = False
 ) -> Tensor:
@@ -478,12 +491,9 @@ def _negative_binomial_log_prob(
     mean, inverse_dispersion, value = (
         tensor.to(dtype) for tensor in (mean, inverse_dispersion, value)
     )
-    if fused.applies(mean, inverse_dispersion, value):
-        gene_terms = fused.run("gene terms", _gene_terms, inverse_dispersion.detach())
-        if gene_terms is not None:
-            log_prob = fused.negative_binomial_log_prob(mean, inverse_dispersion, value, gene_terms)
-            if log_prob is not None:
-                return log_prob
+    log_prob = _fused_log_prob(mean, inverse_dispersion, value)
+    if log_prob is not None:
+        return log_prob
     if torch.is_grad_enabled() and any(
         tensor.requires_grad for tensor in (mean, inverse_dispersion, value)
     ):
@@ -625,15 +635,9 @@ class _ZeroInflatedNegativeBinomial(dist.ZeroInflatedDistribution):
         if self._validate_args:
             self._validate_sample(value)
         base = self.base_dist
-        theta = base.inverse_dispersion
-        if fused.applies(base._mean, theta, value, self.gate_logits):
-            gene_terms = fused.run("gene terms", _gene_terms, theta.detach())
-            if gene_terms is not None:
-                result = fused.zero_inflated_negative_binomial_log_prob(
-                    base._mean, theta, self.gate_logits, value, gene_terms
-                )
-                if result is not None:
-                    return result
+        result = _fused_log_prob(base._mean, base.inverse_dispersion, value, self.gate_logits)
+        if result is not None:
+            return result
         log_prob = _negative_binomial_log_prob(
             base._mean, base.inverse_dispersion, value, counts_checked=bool(self._validate_args)
         )
