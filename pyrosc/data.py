@@ -8,6 +8,7 @@ copy of the counts.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -126,9 +127,10 @@ def from_anndata(
 
     Raises:
         TypeError: ``adata`` is not an AnnData, or its matrix is not an in-memory array.
-        ValueError: an unknown layer or obs key, an empty AnnData, values that are not raw
-            counts (NaN, inf, negative, non-integer), cells without counts, missing covariate
-            values, or a category unknown to ``covariate_categories``.
+        ValueError: duplicated cell or gene names, an unknown layer or obs key, an empty
+            AnnData, values that are not raw counts (NaN, inf, negative, non-integer), cells
+            without counts, missing covariate values, or a category unknown to
+            ``covariate_categories``.
 
     Warns:
         UserWarning: some genes have no counts in any cell (not when ``covariate_categories``
@@ -139,6 +141,7 @@ def from_anndata(
             f"from_anndata expects an anndata.AnnData, got {type(adata).__module__}."
             f"{type(adata).__qualname__}. Wrap a count matrix with anndata.AnnData(X=counts)."
         )
+    check_unique_names(adata)
     covariate_keys = _covariate_keys(batch_key, categorical_covariate_keys)
     _check_obs_keys(adata, batch_key, labels_key, categorical_covariate_keys)
     if covariate_categories is not None and set(covariate_categories) != set(covariate_keys):
@@ -269,6 +272,26 @@ def _covariate_keys(batch_key: str | None, categorical_covariate_keys: Sequence[
             "categorical_covariate_keys together); give each obs column once."
         )
     return keys
+
+
+def check_unique_names(adata: anndata.AnnData) -> None:
+    """Raise a ``ValueError`` if two cells or two genes of ``adata`` share a name.
+
+    Genes are matched by name (new data, reference mapping) and results are written per cell
+    name, so a repeated name would silently pick one of its rows or columns.
+    """
+    for axis, names, noun, fix in (
+        ("obs_names", adata.obs_names, "cell", "adata.obs_names_make_unique()"),
+        ("var_names", adata.var_names, "gene", "adata.var_names_make_unique()"),
+    ):
+        if names.is_unique:
+            continue
+        repeated = names[names.duplicated()].unique()
+        raise ValueError(
+            f"adata.{axis} holds {len(repeated):,} {noun} name(s) more than once (e.g. "
+            f"{_quoted(repeated)}); pyrosc tells {noun}s apart by name, so each must be unique. "
+            f"Run {fix} (it appends '-1', '-2', ... to repeats), or keep one of each."
+        )
 
 
 def _check_obs_keys(
@@ -566,13 +589,25 @@ def select_genes(
 
     Returns:
         a new AnnData, (cells, selected genes), with all of ``adata``'s layers and annotations.
+
+    Raises:
+        ValueError: a negative ``n_top_genes``, duplicated cell or gene names (see
+            :func:`check_unique_names`), an unknown layer.
     """
     import scanpy as sc
 
+    if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, numbers.Integral):
+        raise ValueError(f"n_top_genes must be an integer, got {n_top_genes!r}.")
+    if n_top_genes < 0:
+        raise ValueError(
+            f"n_top_genes must be 0 (keep every gene) or a positive number of genes, got "
+            f"{n_top_genes}."
+        )
+    check_unique_names(adata)
     view = anndata.AnnData(count_matrix(adata, layer), obs=adata.obs[[]], var=adata.var[[]])
     detected = np.asarray((view.X > 0).sum(axis=0)).ravel() >= 3
     view = view[:, detected].copy()
-    if n_top_genes <= 0 or n_top_genes >= view.n_vars:
+    if n_top_genes == 0 or n_top_genes >= view.n_vars:
         return adata[:, view.var_names].copy()
     sc.pp.normalize_total(view, target_sum=1e4)
     sc.pp.log1p(view)

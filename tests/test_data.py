@@ -54,6 +54,29 @@ def test_not_anndata_is_type_error():
         from_anndata(np.ones((3, 3)))
 
 
+@pytest.mark.parametrize("axis", ["obs", "var"])
+def test_duplicated_names_are_an_error_that_says_how_to_fix_them(axis):
+    adata = make_adata()
+    names = list(getattr(adata, f"{axis}_names"))
+    names[3] = names[5] = names[1]
+    with warnings.catch_warnings():  # anndata's own warning about repeated names
+        warnings.simplefilter("ignore", UserWarning)
+        setattr(adata, f"{axis}_names", names)
+    noun, fix = ("cell", "obs_names_make_unique") if axis == "obs" else ("gene", "var_names")
+    pattern = rf"adata\.{axis}_names holds 1 {noun} name\(s\) more than once \(e\.g\. '{noun}1'\)"
+    for function in (from_anndata, lambda a: pyrosc.select_genes(a, 4)):
+        with pytest.raises(ValueError, match=pattern) as error:
+            function(adata)
+        assert f"{fix}" in str(error.value)
+    assert list(getattr(adata, f"{axis}_names")) == names  # the user's names are untouched
+
+
+@pytest.mark.parametrize("n_top_genes", [-1, 2.5, True])
+def test_select_genes_rejects_a_bad_number_of_genes(n_top_genes):
+    with pytest.raises(ValueError, match="n_top_genes must be"):
+        pyrosc.select_genes(make_adata(), n_top_genes)
+
+
 def test_unknown_layer_lists_existing_layers():
     adata = make_adata()
     adata.layers["counts"] = adata.X.copy()
