@@ -31,7 +31,7 @@ from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
 from pyrosc.models import gmvae_model, scvi_model, vae_model
 from pyrosc.models.gmvae import MIXTURE_WEIGHTS
 from pyrosc.models.scvi import DISPERSIONS, LibraryPrior
-from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder, ScviDecoder
+from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder, ScviDecoder, check_sizes
 from pyrosc.train import TrainResult, resolve_device, train
 
 GMVAE_GUIDES = ("marginal", "scvae")
@@ -40,6 +40,7 @@ _CLUSTER_PROBS_KEY = "pyrosc_cluster_probs"
 _CLUSTER_KEY = "pyrosc_cluster"
 _LOG_LIKELIHOOD_KEY = "pyrosc_log_likelihood"
 _SAVE_FORMAT = 1
+_SIZE_KEYS = ("n_latent", "n_hidden", "n_layers", "dropout")
 
 
 class PyroscModel:
@@ -58,6 +59,7 @@ class PyroscModel:
         likelihood = config.get("likelihood")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        check_sizes(**{key: config[key] for key in _SIZE_KEYS if key in config})
         self.adata = adata
         self.config = config
         self.data: CountData = from_anndata(

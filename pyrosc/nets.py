@@ -8,11 +8,46 @@ input. The networks therefore flatten the leading dimensions, run, and restore t
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+# What each size counts, for the error message of check_sizes.
+_SIZE_MEANINGS = {
+    "n_input": "input features",
+    "n_output": "output features",
+    "n_latent": "latent dimensions",
+    "n_hidden": "units per hidden layer",
+    "n_layers": "hidden layers",
+    "n_genes": "genes",
+    "n_classes": "categories",
+}
+
+
+def check_sizes(**sizes: float) -> None:
+    """Raise a ``ValueError`` naming the first network size that cannot build a network.
+
+    Counts (``n_latent``, ``n_hidden``, ``n_layers``, ``n_input``, ...) must be integers of at
+    least 1 (a bool is not a count); ``dropout`` must be a number in [0, 1).
+    """
+    for name, value in sizes.items():
+        if name == "dropout":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"dropout must be a number in [0, 1), got {value!r}.")
+            if not 0 <= value < 1:
+                raise ValueError(
+                    f"dropout must be in [0, 1) (the probability of zeroing a unit), got {value}."
+                )
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            meaning = _SIZE_MEANINGS.get(name, "units")
+            raise ValueError(
+                f"{name} must be an integer of at least 1 (the number of {meaning}), got "
+                f"{value!r}; a network needs at least one."
+            )
 
 
 def one_hot_covariates(covariates: Tensor | None, sizes: Sequence[int]) -> list[Tensor]:
@@ -45,6 +80,9 @@ class MLP(nn.Module):
         n_layers: number of hidden layers (at least 1).
         dropout: dropout probability after each layer.
         covariate_sizes: number of categories of each categorical covariate to inject.
+
+    Raises:
+        ValueError: a size below 1 or not an integer, or dropout outside [0, 1).
     """
 
     def __init__(
@@ -56,8 +94,7 @@ class MLP(nn.Module):
         covariate_sizes: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        check_sizes(n_input=n_input, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
         self.covariate_sizes = tuple(int(s) for s in covariate_sizes)
         n_extra = sum(self.covariate_sizes)
         self.linears = nn.ModuleList()
@@ -106,6 +143,7 @@ class GaussianEncoder(nn.Module):
         min_variance: float = 1e-4,
     ) -> None:
         super().__init__()
+        check_sizes(n_output=n_output)
         self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes)
         self.loc = nn.Linear(n_hidden, n_output)
         self.log_variance = nn.Linear(n_hidden, n_output)
@@ -140,6 +178,7 @@ class CountDecoder(nn.Module):
         gate: bool = False,
     ) -> None:
         super().__init__()
+        check_sizes(n_genes=n_genes)
         self.n_input = n_input
         self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes)
         self.proportion_logits = nn.Linear(n_hidden, n_genes)
@@ -219,6 +258,7 @@ class Classifier(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        check_sizes(n_classes=n_classes)
         self.body = MLP(n_input, n_hidden, n_layers, dropout)
         self.logits = nn.Linear(n_hidden, n_classes)
 

@@ -103,3 +103,43 @@ def test_embedded_dataset_ships_with_labels():
     assert adata.obs["cell_type"].nunique() == 9
     assert adata.obs["cell_type"].isna().sum() == 62
     assert adata.X.dtype.kind == "i"
+
+
+@pytest.mark.parametrize("cls", [pyrosc.VAE, pyrosc.GMVAE, pyrosc.SCVI])
+@pytest.mark.parametrize(
+    ("size", "value", "message"),
+    [
+        ("n_latent", 0, r"n_latent must be an integer of at least 1 \(the number of latent"),
+        ("n_hidden", 0, r"n_hidden must be an integer of at least 1 \(the number of units"),
+        ("n_layers", 0, r"n_layers must be an integer of at least 1 \(the number of hidden"),
+        ("n_latent", 2.5, r"n_latent must be an integer of at least 1 .* got 2\.5"),
+        ("n_hidden", True, r"n_hidden must be an integer of at least 1 .* got True"),
+        ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
+        ("dropout", -0.1, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_network_sizes_that_cannot_build_a_network_are_errors(toy_adata, cls, size, value, message):
+    with pytest.raises(ValueError, match=message):
+        cls(toy_adata, **{size: value})
+
+
+def test_network_sizes_accept_numpy_integers(toy_adata):
+    model = VAE(toy_adata, n_latent=np.int64(3), n_hidden=np.int32(8)).fit(
+        max_epochs=1, progress=False
+    )
+    assert model.latent().shape == (toy_adata.n_obs, 3)
+
+
+@pytest.mark.parametrize(
+    ("network", "sizes"),
+    [
+        (pyrosc.nets.GaussianEncoder, {"n_input": 5, "n_output": 0}),
+        (pyrosc.nets.CountDecoder, {"n_input": 0, "n_genes": 5}),
+        (pyrosc.nets.CountDecoder, {"n_input": 3, "n_genes": 0}),
+        (pyrosc.nets.Classifier, {"n_input": 5, "n_classes": 0}),
+        (pyrosc.nets.MLP, {"n_input": 5, "n_hidden": 0}),
+    ],
+)
+def test_networks_refuse_empty_layers(network, sizes):
+    with pytest.raises(ValueError, match="must be an integer of at least 1"):
+        network(**sizes)
