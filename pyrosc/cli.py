@@ -126,7 +126,13 @@ def _save_figures(out: Path, adata: ad.AnnData, history, colors: list[str]) -> N
 
 
 def fit_command(args: argparse.Namespace) -> int:
-    """Run ``pyrosc fit``: load, select genes, fit, score, cluster, embed, write."""
+    """Run ``pyrosc fit``: load, select genes, fit, write the model and latent, then score,
+    cluster, embed and draw.
+
+    Returns:
+        0 on success; 1 when a step after the fit failed (the model and latent are written
+        already, and the error is printed on one line).
+    """
     import scanpy as sc
     import torch
     from sklearn.metrics import adjusted_rand_score
@@ -193,34 +199,52 @@ def fit_command(args: argparse.Namespace) -> int:
         "training seconds": round(fit_seconds, 1),
         "training cells/s": round(n_train * len(model.history) / fit_seconds),
     }
-    held_out = model.train_result.validation_index
-    if len(held_out):
-        print(f"Scoring {len(held_out)} held-out cells (K = {args.n_samples})")
-        log_lik = model.log_likelihood(adata[held_out], n_samples=args.n_samples)
-        summary["held-out log-likelihood per cell"] = round(float(log_lik.mean()), 2)
-
-    print("Embedding: latent, neighbours, Leiden, UMAP")
+    # The fitted model and the latent are written before anything that may fail later
+    # (scoring, neighbours, clustering, UMAP, figures): a failure there loses nothing.
+    model.save(out / "model")
+    model.history.to_csv(out / "history.csv", index=False)
     model.latent()
-    sc.pp.neighbors(adata, use_rep="X_pyrosc", random_state=args.seed)
-    sc.tl.leiden(adata, resolution=1.0, flavor="igraph", n_iterations=2, random_state=args.seed)
-    sc.tl.umap(adata, random_state=args.seed)
-    summary["Leiden clusters"] = adata.obs["leiden"].nunique()
-    cluster_keys = ["leiden"]
+    cluster_keys = []
     if args.model == "gmvae":
         model.clusters()
         cluster_keys.append("pyrosc_cluster")
         summary["GMVAE clusters used"] = adata.obs["pyrosc_cluster"].nunique()
-    if labels_key:
-        labelled = adata.obs[labels_key].notna().to_numpy()
-        truth = adata.obs[labels_key][labelled].astype(str)
-        for key in cluster_keys:
-            score = adjusted_rand_score(truth, adata.obs[key][labelled])
-            summary[f"ARI ({key} vs {labels_key})"] = round(score, 3)
+    _write_h5ad(adata, out / "pyrosc.h5ad")
+    print(f"Wrote {out}/: model/, history.csv, pyrosc.h5ad (latent in obsm['X_pyrosc'])")
 
-    model.save(out / "model")
-    adata.write_h5ad(out / "pyrosc.h5ad", compression="gzip")
-    colors = cluster_keys + [key for key in (labels_key, args.batch_key) if key]
-    _save_figures(out, adata, model.history, colors)
+    step = "scoring held-out cells"
+    try:
+        held_out = model.train_result.validation_index
+        if len(held_out):
+            print(f"Scoring {len(held_out)} held-out cells (K = {args.n_samples})")
+            log_lik = model.log_likelihood(adata[held_out], n_samples=args.n_samples)
+            summary["held-out log-likelihood per cell"] = round(float(log_lik.mean()), 2)
+        step = "embedding (neighbours, Leiden, UMAP)"
+        print("Embedding: neighbours, Leiden, UMAP")
+        sc.pp.neighbors(adata, use_rep="X_pyrosc", random_state=args.seed)
+        sc.tl.leiden(adata, resolution=1.0, flavor="igraph", n_iterations=2, random_state=args.seed)
+        sc.tl.umap(adata, random_state=args.seed)
+        summary["Leiden clusters"] = adata.obs["leiden"].nunique()
+        cluster_keys.insert(0, "leiden")
+        if labels_key:
+            labelled = adata.obs[labels_key].notna().to_numpy()
+            truth = adata.obs[labels_key][labelled].astype(str)
+            for key in cluster_keys:
+                score = adjusted_rand_score(truth, adata.obs[key][labelled])
+                summary[f"ARI ({key} vs {labels_key})"] = round(score, 3)
+        step = "writing pyrosc.h5ad with the embedding"
+        _write_h5ad(adata, out / "pyrosc.h5ad")
+        step = "drawing the figures"
+        colors = cluster_keys + [key for key in (labels_key, args.batch_key) if key]
+        _save_figures(out, adata, model.history, colors)
+    except Exception as error:  # whatever failed, what was written stays
+        message = str(error).splitlines()[0] if str(error) else ""
+        print(
+            f"pyrosc: error: {step} failed ({type(error).__name__}: {message}); the fitted "
+            f"model and the latent are kept in {out}/ (model/, history.csv, pyrosc.h5ad).",
+            file=sys.stderr,
+        )
+        return 1
     summary["wall seconds"] = round(time.perf_counter() - started, 1)
     summary["threads"] = torch.get_num_threads()
 
@@ -228,8 +252,16 @@ def fit_command(args: argparse.Namespace) -> int:
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"  {key:<{width}}  {value}")
-    print(f"\nWrote {out}/: model/, pyrosc.h5ad, training_curve.png, umap.png")
+    print(f"\nWrote {out}/: model/, history.csv, pyrosc.h5ad, training_curve.png, umap.png")
     return 0
+
+
+def _write_h5ad(adata: ad.AnnData, path: Path) -> None:
+    """Write ``adata`` to ``path`` through a temporary file, so that a failed write never
+    leaves a broken file in place of the one written before."""
+    partial = path.with_name(path.name + ".partial")
+    adata.write_h5ad(partial, compression="gzip")
+    partial.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fit":
             return fit_command(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"pyrosc: error: {error}", file=sys.stderr)
         return 2
     return 1

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import anndata as ad
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import simulate_counts
 
+from pyrosc import VAE
 from pyrosc.cli import main
 from pyrosc.data import select_genes
 
@@ -83,3 +86,45 @@ def test_select_genes_keeps_raw_counts_of_the_most_variable(toy_adata):
 @pytest.mark.slow
 def test_default_dataset_end_to_end(tmp_path):
     assert main(["fit", "--out", str(tmp_path), "--epochs", "2", "--no-progress"]) == 0
+
+
+def test_a_failure_after_the_fit_keeps_the_model_and_the_latent(tmp_path, capsys, monkeypatch):
+    import scanpy as sc
+
+    def broken_umap(*args, **kwargs):
+        raise AttributeError("'csr_array' object has no attribute 'getnnz'\nmore detail")
+
+    monkeypatch.setattr(sc.tl, "umap", broken_umap)
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=120, n_genes=30).write_h5ad(data)
+    out = tmp_path / "out"
+    args = ["fit", str(data), "--out", str(out), "--epochs", "2", "--n-samples", "3"]
+    assert main([*args, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "pyrosc: error: embedding (neighbours, Leiden, UMAP) failed (AttributeError: "
+        "'csr_array' object has no attribute 'getnnz'); the fitted model and the latent are "
+        f"kept in {out}/ (model/, history.csv, pyrosc.h5ad)."
+    ]
+    written = ad.read_h5ad(out / "pyrosc.h5ad")
+    assert written.obsm["X_pyrosc"].shape == (120, 10)
+    assert not list(out.glob("*.partial")) and not (out / "umap.png").exists()
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    loaded = VAE.load(out / "model", written)
+    np.testing.assert_allclose(loaded.latent(), written.obsm["X_pyrosc"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--n-latent", "0"], "n_latent must be an integer of at least 1"),
+        (["--n-hidden", "0"], "n_hidden must be an integer of at least 1"),
+        (["--n-top-genes", "-5"], "n_top_genes must be 0"),
+    ],
+)
+def test_sizes_of_zero_are_reported_before_training(tmp_path, capsys, option, message):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=50, n_genes=20).write_h5ad(data)
+    assert main(["fit", str(data), *option, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
