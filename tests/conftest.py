@@ -47,3 +47,28 @@ def simulate_counts(
 @pytest.fixture
 def toy_adata() -> ad.AnnData:
     return simulate_counts()
+
+
+def resampled_pbmc3k(n_cells: int, seed: int = 0) -> ad.AnnData:
+    """``n_cells`` cells drawn with replacement from the embedded PBMC 3k, each thinned.
+
+    Every count of a drawn cell is binomially thinned with a keep-probability drawn per cell
+    from U(0.02, 1), so depths run from a few tens to ~15,000 counts per cell, as in real data
+    (the embedded cells have 548-15,844). Cells left with no counts are dropped; names are
+    unique; ``obs["cell_type"]`` is the source cell's label.
+    """
+    from pyrosc import datasets
+
+    source = datasets.pbmc3k()
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(source.n_obs, size=n_cells)
+    counts = sp.csr_matrix(source.X[drawn], dtype=np.int64)
+    keep = rng.uniform(0.02, 1.0, size=n_cells)
+    counts.data = rng.binomial(counts.data, np.repeat(keep, np.diff(counts.indptr)))
+    counts.eliminate_zeros()
+    obs = pd.DataFrame(
+        {"cell_type": source.obs["cell_type"].to_numpy()[drawn]},
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    adata = ad.AnnData(counts.astype(np.float32), obs=obs, var=source.var.copy())
+    return adata[np.diff(counts.indptr) > 0].copy()
