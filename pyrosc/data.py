@@ -38,6 +38,11 @@ class CountData:
             only, never used in training.
         obs_names: (cells,) cell names.
         var_names: (genes,) gene names.
+        continuous_covariates: (cells, k) float32 values of the continuous covariate keys, in
+            order (shape (cells, 0) when there are none).
+        continuous_covariate_keys: the obs columns of ``continuous_covariates``.
+        cell_index: (cells,) int64 position of each cell in the dataset it was validated from
+            (``arange(cells)``; a :meth:`subset` keeps the original positions).
     """
 
     counts: sp.csr_matrix | np.ndarray
@@ -47,6 +52,9 @@ class CountData:
     labels: pd.Series | None
     obs_names: pd.Index
     var_names: pd.Index
+    continuous_covariates: np.ndarray
+    continuous_covariate_keys: tuple[str, ...]
+    cell_index: np.ndarray
 
     @property
     def n_cells(self) -> int:
@@ -71,6 +79,9 @@ class CountData:
             labels=None if self.labels is None else self.labels.iloc[index],
             obs_names=self.obs_names[index],
             var_names=self.var_names,
+            continuous_covariates=self.continuous_covariates[index],
+            continuous_covariate_keys=self.continuous_covariate_keys,
+            cell_index=self.cell_index[index],
         )
 
     def minibatch(
@@ -79,9 +90,13 @@ class CountData:
         """Tensors for the cells at integer positions ``index`` (shape (B,)) on ``device``.
 
         Returns:
-            ``counts``: (B, genes) float32, dense; ``library``: (B,) float32;
-            ``batch``: (B,) int64 codes of the first covariate (zeros when there is none);
-            ``covariates``: (B, n_covariates) int64 (shape (B, 0) when there are none).
+            the data arguments of the model/guide contract: ``counts``: (B, genes) float32,
+            dense; ``library``: (B,) float32; ``batch``: (B,) int64 codes of the first
+            covariate (zeros when there is none); ``covariates``: (B, n_covariates) int64
+            (shape (B, 0) when there are none); ``continuous_covariates``: (B, k) float32
+            (shape (B, 0) when there are none); ``cell_index``: (B,) int64 positions of the
+            cells in the dataset (see :attr:`cell_index`), the indices the ``cells`` plate
+            subsamples.
         """
         index = _positions(index)
         rows = self.counts[index]
@@ -95,6 +110,8 @@ class CountData:
             "library": self.library[index],
             "batch": np.ascontiguousarray(batch),
             "covariates": covariates,
+            "continuous_covariates": self.continuous_covariates[index],
+            "cell_index": self.cell_index[index],
         }
         return {
             name: torch.from_numpy(array).to(device, non_blocking=True)
@@ -109,6 +126,7 @@ def from_anndata(
     labels_key: str | None = None,
     categorical_covariate_keys: Sequence[str] = (),
     covariate_categories: dict[str, list[str]] | None = None,
+    continuous_covariate_keys: Sequence[str] = (),
 ) -> CountData:
     """Validate the raw counts of ``adata`` and encode its covariates.
 
@@ -121,6 +139,8 @@ def from_anndata(
         covariate_categories: the categories of a fitted model, key -> names. When given, codes
             are made with these categories, so that new data is encoded as the training data was;
             a category outside them is an error.
+        continuous_covariate_keys: numeric obs columns (e.g. percent mitochondrial counts,
+            cell-cycle scores), kept as ``continuous_covariates``, (cells, k) float32.
 
     Category codes: for a pandas Categorical column, its ``cat.categories`` in their order, but
     only those present in the data; for any other column, the sorted unique values, as strings.
@@ -129,8 +149,9 @@ def from_anndata(
         TypeError: ``adata`` is not an AnnData, or its matrix is not an in-memory array.
         ValueError: duplicated cell or gene names, an unknown layer or obs key, an empty
             AnnData, values that are not raw counts (NaN, inf, negative, non-integer), cells
-            without counts, missing covariate values, or a category unknown to
-            ``covariate_categories``.
+            without counts, missing covariate values, a category unknown to
+            ``covariate_categories``, or a continuous covariate that is not numeric or not
+            finite.
 
     Warns:
         UserWarning: some genes have no counts in any cell (not when ``covariate_categories``
@@ -143,7 +164,8 @@ def from_anndata(
         )
     check_unique_names(adata)
     covariate_keys = _covariate_keys(batch_key, categorical_covariate_keys)
-    _check_obs_keys(adata, batch_key, labels_key, categorical_covariate_keys)
+    continuous_keys = _continuous_keys(continuous_covariate_keys, covariate_keys)
+    _check_obs_keys(adata, batch_key, labels_key, categorical_covariate_keys, continuous_keys)
     if covariate_categories is not None and set(covariate_categories) != set(covariate_keys):
         raise ValueError(
             f"covariate_categories has keys {_quoted(covariate_categories)} but the covariates "
@@ -180,6 +202,9 @@ def from_anndata(
         labels=None if labels_key is None else adata.obs[labels_key].copy(),
         obs_names=adata.obs_names.copy(),
         var_names=adata.var_names.copy(),
+        continuous_covariates=_continuous_values(adata, continuous_keys),
+        continuous_covariate_keys=continuous_keys,
+        cell_index=np.arange(adata.n_obs, dtype=np.int64),
     )
 
 
@@ -294,15 +319,59 @@ def check_unique_names(adata: anndata.AnnData) -> None:
         )
 
 
+def _continuous_keys(keys: Sequence[str], categorical: list[str]) -> tuple[str, ...]:
+    """The continuous covariate keys as a tuple; rejects a bare string, repeats, and a key
+    that is also categorical."""
+    if isinstance(keys, str):
+        raise TypeError(
+            f"continuous_covariate_keys must be a list of obs column names, got the string "
+            f"{keys!r}; write [{keys!r}]."
+        )
+    keys = tuple(keys)
+    repeated = sorted({key for key in keys if keys.count(key) > 1} | (set(keys) & set(categorical)))
+    if repeated:
+        raise ValueError(
+            f"covariate key(s) {_quoted(repeated)} given more than once (continuous, or both "
+            "continuous and categorical); give each obs column once."
+        )
+    return keys
+
+
+def _continuous_values(adata: anndata.AnnData, keys: tuple[str, ...]) -> np.ndarray:
+    """(cells, len(keys)) float32 values of numeric, finite obs columns."""
+    columns = []
+    for key in keys:
+        column = adata.obs[key]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise ValueError(
+                f"continuous covariate {key!r} has dtype {column.dtype}; it must be numeric. "
+                "A column of categories belongs in categorical_covariate_keys."
+            )
+        values = column.to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise ValueError(
+                f"continuous covariate {key!r} is NaN or infinite in {len(bad):,} cells (e.g. "
+                f"{_quoted(adata.obs_names[bad])}). Fill them in, or drop those cells: "
+                f"adata = adata[np.isfinite(adata.obs[{key!r}])].copy()."
+            )
+        columns.append(values.astype(np.float32))
+    if not columns:
+        return np.zeros((adata.n_obs, 0), dtype=np.float32)
+    return np.stack(columns, axis=1)
+
+
 def _check_obs_keys(
     adata: anndata.AnnData,
     batch_key: str | None,
     labels_key: str | None,
     categorical_covariate_keys: Sequence[str],
+    continuous_covariate_keys: Sequence[str] = (),
 ) -> None:
     """Every key names a column of adata.obs."""
     named = [("batch_key", batch_key), ("labels_key", labels_key)]
     named += [("categorical_covariate_keys", key) for key in categorical_covariate_keys]
+    named += [("continuous_covariate_keys", key) for key in continuous_covariate_keys]
     for argument, key in named:
         if key is not None and key not in adata.obs.columns:
             columns = (

@@ -357,7 +357,10 @@ def test_minibatch_matches_dense_rows(sparse):
     data = from_anndata(adata, batch_key="batch", categorical_covariate_keys=["donor"])
     index = np.array([5, 0, 11, 3])
     batch = data.minibatch(index)
-    assert set(batch) == {"counts", "library", "batch", "covariates"}
+    expected = {"counts", "library", "batch", "covariates", "continuous_covariates", "cell_index"}
+    assert set(batch) == expected
+    np.testing.assert_array_equal(batch["cell_index"].numpy(), index)
+    assert batch["continuous_covariates"].shape == (4, 0)
     assert batch["counts"].shape == (4, 8) and batch["counts"].dtype == torch.float32
     assert batch["library"].shape == (4,) and batch["library"].dtype == torch.float32
     assert batch["batch"].shape == (4,) and batch["batch"].dtype == torch.int64
