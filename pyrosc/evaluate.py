@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -34,18 +34,62 @@ from pyrosc.data import CountData
 _CHUNK_FLOATS = 2**26
 
 
+#: The data arguments of the model/guide contract, as :meth:`CountData.minibatch` names them
+#: (plus ``n_cells``, the number of cells a minibatch stands for).
+DATA_ARGUMENTS = (
+    "counts",
+    "library",
+    "batch",
+    "covariates",
+    "continuous_covariates",
+    "cell_index",
+    "n_cells",
+)
+
+
+def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter] | None:
+    """``fn``'s parameters; None when it takes ``**kwargs`` or has no signature to read (a
+    function wrapped by a Pyro handler), which then receives every entry."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return parameters
+
+
+def data_kwargs(fn: Callable, data: dict) -> dict:
+    """The entries of ``data`` that ``fn`` names in its signature (all for ``**kwargs``)."""
+    parameters = _parameters(fn)
+    if parameters is None:
+        return dict(data)
+    return {name: value for name, value in data.items() if name in parameters}
+
+
 def model_kwargs(fn: Callable, minibatch: dict[str, Tensor], n_cells: int | None) -> dict:
     """The keyword arguments of ``fn`` that a minibatch supplies.
 
     A model or guide declares the data it needs by naming it in its signature, from
-    ``counts``, ``library``, ``batch``, ``covariates`` (see :meth:`CountData.minibatch`) and
-    ``n_cells`` (the dataset size, for minibatch scaling). Functions taking ``**kwargs`` get all.
+    :data:`DATA_ARGUMENTS` (see :meth:`CountData.minibatch`). Functions taking ``**kwargs``
+    get all.
     """
-    available = {**minibatch, "n_cells": n_cells}
-    parameters = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return available
-    return {name: value for name, value in available.items() if name in parameters}
+    return data_kwargs(fn, {**minibatch, "n_cells": n_cells})
+
+
+def bind_data(fn: Callable) -> Callable:
+    """``fn`` called with the whole data dictionary by keyword, receiving only the entries its
+    own signature names (read once, here). This is how the trainer hands one minibatch
+    dictionary to a model and a guide that take different data."""
+    parameters = _parameters(fn)
+    if parameters is None:
+        return fn
+    names = [name for name in parameters if name in DATA_ARGUMENTS]
+
+    def call(**data):
+        return fn(**{name: data[name] for name in names if name in data})
+
+    return call
 
 
 @contextmanager
@@ -66,10 +110,13 @@ def eval_mode(networks: nn.Module | None) -> Iterator[None]:
 def trace_pair(
     model: Callable, guide: Callable, kwargs: dict
 ) -> tuple[poutine.Trace, poutine.Trace]:
-    """Traces of the guide and of the model replayed against it, hidden from outer handlers."""
+    """Traces of the guide and of the model replayed against it, hidden from outer handlers;
+    each function receives the entries of ``kwargs`` that it names."""
     with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(**kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**kwargs)
+        guide_trace = poutine.trace(guide).get_trace(**data_kwargs(guide, kwargs))
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            **data_kwargs(model, kwargs)
+        )
     return guide_trace, model_trace
 
 
@@ -157,7 +204,35 @@ def log_importance_weights(
     Returns:
         ``(n_samples, cells)`` log weights.
     """
-    return _log_joint(model, guide, minibatch, n_samples).logsumexp(dim=0)
+    log_joint, _, _ = _log_terms(model, guide, minibatch, n_samples)
+    return log_joint.reshape(-1, *log_joint.shape[-2:]).logsumexp(dim=0)
+
+
+def elbo_terms(
+    model: Callable, guide: Callable, minibatch: dict[str, Tensor], n_samples: int
+) -> Tensor:
+    """Per-cell ELBO of each of ``n_samples`` draws: the quantity ``TraceEnum_ELBO`` (or
+    ``Trace_ELBO``) optimises, cell by cell.
+
+    Without discrete sites in the guide this is ``log p(x, z_k) - log q(z_k | x)``, the sites
+    the model enumerates summed out of ``p`` exactly. A site ``y`` the guide enumerates is
+    averaged over exactly, with its own density in the bound::
+
+        sum_y q(y | x) [log p(x, y, z_y) - log q(y | x) - log q(z_y | x, y)]
+
+    Args and shapes as :func:`log_importance_weights`.
+    """
+    log_joint, log_q, n_guide = _log_terms(model, guide, minibatch, n_samples)
+    if log_q is None:
+        return log_joint.reshape(-1, *log_joint.shape[-2:]).logsumexp(dim=0)
+    # The model's enumerated dimensions lie left of the guide's: sum them out of p first.
+    log_joint = log_joint.reshape((1,) * max(0, n_guide + 2 - log_joint.dim()) + log_joint.shape)
+    n_model = log_joint.dim() - 2 - n_guide
+    if n_model:
+        log_joint = log_joint.logsumexp(dim=tuple(range(n_model)))
+    log_q = log_q.reshape((1,) * (log_joint.dim() - log_q.dim()) + log_q.shape)
+    terms = log_q.exp() * (log_joint - log_q)
+    return terms.sum(dim=tuple(range(n_guide))) if n_guide else terms
 
 
 def _enumerated_traces(
@@ -194,6 +269,38 @@ def _is_enumerated(site: dict) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
 
+def _log_terms(
+    model: Callable,
+    guide: Callable,
+    minibatch: dict[str, Tensor],
+    n_samples: int,
+    at_mean: bool = False,
+) -> tuple[Tensor, Tensor | None, int]:
+    """The per-cell terms of the bound at each enumerated value of the discrete sites.
+
+    Returns:
+        ``log p(x, y, z) - log q(z | x, y)``, ``(*enumeration, n_samples, cells)`` with one
+        (possibly size-1) dimension per enumerated site, the model's left of the guide's;
+        ``log q(y | x)`` of the sites the guide enumerates, ``(*guide enumeration, n_samples,
+        cells)``, or None when it enumerates none; and how many sites the guide enumerates.
+    """
+    guide_trace, model_trace, rank = _enumerated_traces(model, guide, minibatch, n_samples, at_mean)
+    n_batch = minibatch["counts"].shape[0]
+    log_joint = minibatch["counts"].new_zeros(n_samples, n_batch)
+    log_q, n_guide = None, 0
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            term = _per_cell_log_prob(site, rank)
+            if trace is guide_trace and _is_enumerated(site):
+                log_q = term if log_q is None else log_q + term
+                n_guide += 1
+                continue
+            log_joint = log_joint + sign * term
+    return log_joint, log_q, n_guide
+
+
 def _log_joint(
     model: Callable,
     guide: Callable,
@@ -201,20 +308,11 @@ def _log_joint(
     n_samples: int,
     at_mean: bool = False,
 ) -> Tensor:
-    """``log p(x, y, z_k) - log q(z_k | x)`` per enumerated configuration y of the discrete
+    """``log p(x, y, z_k) - log q(z_k | x, y)`` per enumerated configuration y of the discrete
     sites: ``(configurations, n_samples, cells)`` (one configuration without discrete sites).
     """
-    guide_trace, model_trace, rank = _enumerated_traces(model, guide, minibatch, n_samples, at_mean)
-    n_batch = minibatch["counts"].shape[0]
-    log_joint = minibatch["counts"].new_zeros(n_samples, n_batch)
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            if trace is guide_trace and _is_enumerated(site):
-                continue
-            log_joint = log_joint + sign * _per_cell_log_prob(site, rank)
-    return log_joint.reshape(-1, n_samples, n_batch)
+    log_joint, _, _ = _log_terms(model, guide, minibatch, n_samples, at_mean)
+    return log_joint.reshape(-1, *log_joint.shape[-2:])
 
 
 @torch.no_grad()
@@ -293,6 +391,7 @@ def cell_chunks(
 
 @torch.no_grad()
 def _per_cell(
+    terms: Callable[..., Tensor],
     reduce: Callable[[Tensor], Tensor],
     model: Callable,
     guide: Callable,
@@ -310,11 +409,11 @@ def _per_cell(
         for number, index in enumerate(cell_chunks(data, particles_per_pass, batch_size)):
             minibatch = data.minibatch(index, device)
             if number == 0:
-                check_local(model, guide, model_kwargs(model, minibatch, None))
+                check_local(model, guide, {**minibatch, "n_cells": None})
             weights = []
             for start in range(0, n_samples, particles_per_pass):
                 k = min(particles_per_pass, n_samples - start)
-                weights.append(log_importance_weights(model, guide, minibatch, k))
+                weights.append(terms(model, guide, minibatch, k))
             results.append(reduce(torch.cat(weights)).cpu())
     return torch.cat(results).numpy().astype(np.float64)
 
@@ -350,7 +449,9 @@ def log_likelihood(
     def reduce(log_weights: Tensor) -> Tensor:
         return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
 
-    return _per_cell(reduce, model, guide, data, n_samples, networks, batch_size, device)
+    return _per_cell(
+        log_importance_weights, reduce, model, guide, data, n_samples, networks, batch_size, device
+    )
 
 
 def elbo(
@@ -364,13 +465,16 @@ def elbo(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Per-cell evidence lower bound, ``E_q[log p(x, z) - log q(z | x)]``, estimated with
-    ``n_samples`` draws. Same arguments as :func:`log_likelihood`.
+    ``n_samples`` draws: the bound the trainer optimises, with sites the guide enumerates
+    averaged over exactly (see :func:`elbo_terms`). Same arguments as :func:`log_likelihood`.
 
     Returns:
         ``(cells,)`` float64 ELBO values in nats.
     """
 
-    def reduce(log_weights: Tensor) -> Tensor:
-        return log_weights.mean(dim=0)
+    def reduce(terms: Tensor) -> Tensor:
+        return terms.mean(dim=0)
 
-    return _per_cell(reduce, model, guide, data, n_samples, networks, batch_size, device)
+    return _per_cell(
+        elbo_terms, reduce, model, guide, data, n_samples, networks, batch_size, device
+    )
