@@ -1,14 +1,16 @@
 """Stochastic variational inference for any (model, guide) pair that follows the pyrosc contract.
 
 The trainer never asks which model it was given. What it needs to know it reads off the pair:
-the data arguments it takes (its signature, see :func:`pyrosc.evaluate.model_kwargs`), and
+the data arguments it takes (its signature, see :func:`pyrosc.evaluate.bind_data`), and
 whether any site is marked for enumeration (then the ELBO is ``TraceEnum_ELBO``, so discrete
 latents are summed out exactly instead of sampled).
 
 KL warm-up and free bits are effect handlers around the model and the guide, not edits of the
-loss by hand: :class:`ScaleLatents` multiplies the log-density of every latent site by the
-warm-up weight, in both the model and the guide, which scales ``log p(z) - log q(z)`` (the
-KL term) and leaves the reconstruction term ``log p(x | z)`` untouched.
+loss by hand: :class:`ScaleLatents` multiplies the log-density of the latent sites that the
+model marks with ``infer={"kl_warmup": True}`` (the models here mark ``z``; a latent library
+and the GMVAE's cluster are not annealed, as in scVI) by the warm-up weight, in both the model
+and the guide, which scales ``log p(z) - log q(z)`` (that KL term) and leaves the rest of the
+ELBO untouched.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from tqdm.auto import tqdm
 
 from pyrosc.data import CountData, MinibatchSampler, split_cells
 from pyrosc.evaluate import (
+    bind_data,
+    data_kwargs,
     elbo,
-    max_plate_nesting,
-    model_kwargs,
     per_dimension_log_prob,
+    plate_nesting,
     trace_pair,
 )
 
@@ -60,21 +63,40 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+#: The ``infer`` key with which a model marks a latent site for KL warm-up.
+KL_WARMUP = "kl_warmup"
+
+
 class ScaleLatents(Messenger):
-    """Multiply the log-density of every latent (unobserved) sample site by ``weight``.
+    """Multiply the log-density of the latent sites named in ``sites`` by ``weight``.
 
     Applied to both the model and the guide, it turns the ELBO into
-    ``E_q[log p(x | z)] - weight * KL(q(z | x) || p(z))``: the KL warm-up of Bowman et al.
-    (2016) and scVI.
+    ``E_q[log p(x | z)] - weight * KL(q(z | x) || p(z))`` for those sites: the KL warm-up of
+    Bowman et al. (2016) and scVI. :func:`train` passes the sites the model marks with
+    ``infer={"kl_warmup": True}``.
     """
 
-    def __init__(self, weight: float) -> None:
+    def __init__(self, weight: float, sites: frozenset[str] | set[str]) -> None:
         super().__init__()
         self.weight = weight
+        self.sites = frozenset(sites)
 
     def _process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"]:
             msg["scale"] = self.weight * msg["scale"]
+
+
+def annealed_sites(model: Callable, data: dict) -> frozenset[str]:
+    """The names of the latent sites ``model`` marks for KL warm-up (``infer["kl_warmup"]``),
+    read off a trace of the model alone (a trace replayed against a guide carries the guide's
+    ``infer`` instead)."""
+    with poutine.block():
+        model_trace = poutine.trace(model).get_trace(**data_kwargs(model, data))
+    return frozenset(
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and site["infer"].get(KL_WARMUP)
+    )
 
 
 def _latent_sites(trace: poutine.Trace) -> list[dict]:
@@ -121,8 +143,8 @@ def free_bits_loss(free_bits: float) -> Callable:
     return loss
 
 
-def _adam(lr: float) -> torch.optim.Adam:
-    """One Adam over every parameter in the (current) Pyro parameter store.
+def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """One Adam over ``params`` (the Pyro parameter store's, unconstrained).
 
     Pyro's own ``pyro.optim.Adam`` keeps one optimiser per parameter tensor; a single fused
     Adam does the same arithmetic in one kernel (on a CPU ~4x faster than the multi-tensor
@@ -130,7 +152,6 @@ def _adam(lr: float) -> torch.optim.Adam:
     ``weight_decay=1e-6`` are scvi-tools' settings; with the loss taken per cell (as
     :func:`train` does) they act as they do there.
     """
-    params = [p for _, p in pyro.get_param_store().named_parameters()]
     options = {"lr": lr, "eps": 0.01, "weight_decay": 1e-6}
     fusable = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     if fusable:
@@ -138,13 +159,28 @@ def _adam(lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, foreach=True, **options)
 
 
-def has_enumerated_sites(model: Callable, guide: Callable, kwargs: dict) -> bool:
-    """Whether the model or guide marks any sample site for parallel enumeration."""
-    return any(
-        site["type"] == "sample" and site["infer"].get("enumerate") == "parallel"
-        for trace in trace_pair(model, guide, kwargs)
-        for site in trace.nodes.values()
-    )
+class _Optimizer:
+    """Adam over every parameter of the Pyro parameter store, including parameters that first
+    appear after the first step (a site reached only by some minibatches, a parameter created
+    lazily): they join the optimiser at the step that creates them."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.adam: torch.optim.Adam | None = None
+        self.known: set[int] = set()
+
+    def step(self, loss: Tensor) -> None:
+        store = pyro.get_param_store()
+        if len(self.known) != len(store):
+            new = [p for _, p in store.named_parameters() if id(p) not in self.known]
+            if self.adam is None:
+                self.adam = _adam(new, self.lr)
+            elif new:
+                self.adam.add_param_group({"params": new})
+            self.known |= {id(p) for p in new}
+        self.adam.zero_grad(set_to_none=True)
+        loss.backward()
+        self.adam.step()
 
 
 @dataclass
@@ -168,20 +204,33 @@ class TrainResult:
     elbo_name: str = "Trace_ELBO"
 
 
-def _snapshot(networks: nn.Module | None) -> tuple[dict, dict | None]:
-    store = pyro.get_param_store()
-    params = {name: store[name].detach().clone() for name in store.keys()}
+def free_parameter_names(networks: nn.Module | None) -> list[str]:
+    """The names of the parameters in Pyro's parameter store that are not weights of
+    ``networks`` (dispersion, mixture weights, component means, ...): what a snapshot or a saved
+    model holds besides the networks' ``state_dict``."""
+    module_parameters = set() if networks is None else {id(p) for p in networks.parameters()}
+    return [
+        name
+        for name, value in pyro.get_param_store().named_parameters()
+        if id(value) not in module_parameters
+    ]
+
+
+def _snapshot(networks: nn.Module | None) -> tuple[dict[str, Tensor], dict | None]:
+    """Copies of the free parameters' unconstrained values and of the networks' state."""
+    unconstrained = dict(pyro.get_param_store().named_parameters())
+    free = {name: unconstrained[name].detach().clone() for name in free_parameter_names(networks)}
     modules = copy.deepcopy(networks.state_dict()) if networks is not None else None
-    return params, modules
+    return free, modules
 
 
-def _restore(snapshot: tuple[dict, dict | None], networks: nn.Module | None) -> None:
-    params, modules = snapshot
-    store = pyro.get_param_store()
+def _restore(snapshot: tuple[dict[str, Tensor], dict | None], networks: nn.Module | None) -> None:
+    """Write a :func:`_snapshot` back, in place (the tensors the optimiser holds)."""
+    free, modules = snapshot
+    unconstrained = dict(pyro.get_param_store().named_parameters())
     with torch.no_grad():
-        for name, value in params.items():
-            if "$$$" not in name:  # module parameters are restored through their module
-                store[name] = value
+        for name, value in free.items():
+            unconstrained[name].copy_(value)
     if networks is not None and modules is not None:
         networks.load_state_dict(modules)
 
@@ -196,10 +245,12 @@ def train(
     batch_size: int = 128,
     lr: float = 1e-3,
     validation_fraction: float = 0.1,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
     early_stopping: bool = False,
-    patience: int = 45,
+    patience: int | None = None,
     kl_warmup_epochs: int = 0,
     free_bits: float = 0.0,
+    check_every_step: bool = False,
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -208,7 +259,9 @@ def train(
 
     Parameters are created in (and trained in) the current Pyro parameter store: call it inside
     ``pyro.get_param_store().scope(...)`` to keep fits apart, as the classes of
-    :mod:`pyrosc.api` do.
+    :mod:`pyrosc.api` do. Each step hands the model and the guide the one minibatch dictionary
+    of :meth:`CountData.minibatch` (plus ``n_cells``, the number of training cells); each
+    receives the entries its own signature names.
 
     Args:
         model, guide: a pair following the pyrosc contract (see the design notes).
@@ -220,54 +273,81 @@ def train(
             previous one, so BatchNorm never sees a single cell).
         lr: Adam learning rate.
         validation_fraction: share of cells held out to monitor the ELBO; 0 trains on all.
+        split: ``(train_index, validation_index)``, positions in ``data``, instead of a split
+            drawn from ``validation_fraction`` and ``seed`` (the classes draw it once and pass
+            it, so that whatever else they fit sees the same training cells).
         early_stopping: stop once the validation ELBO has not improved for ``patience`` epochs,
             and keep the best parameters.
-        patience: epochs without improvement before stopping.
-        kl_warmup_epochs: the KL weight rises linearly from 0 to 1 over this many epochs.
+        patience: epochs without improvement before stopping (early stopping only; default 45).
+        kl_warmup_epochs: the KL weight of the sites the model marks with
+            ``infer={"kl_warmup": True}`` rises linearly from 0 to 1 over this many epochs.
         free_bits: nats per latent dimension exempt from the KL penalty (0 turns it off).
+        check_every_step: keep Pyro's validation (if the caller enabled it) on every step. By
+            default it runs on the first step only: its support, shape and NaN checks catch a
+            broken model at once, and cost ~10 % of each later step.
         seed: seeds Pyro, PyTorch and NumPy, the split and the minibatch order.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a progress bar with the epoch and the ELBO.
 
     Returns:
         a :class:`TrainResult` with the history DataFrame.
+
+    Raises:
+        ValueError: an option out of range, or one that does not apply (``patience`` without
+            early stopping, ``kl_warmup_epochs`` for a model that marks no site, free bits with
+            enumerated sites).
     """
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
-    if early_stopping and validation_fraction == 0:
-        raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
+    if patience is not None and not early_stopping:
+        raise ValueError("patience applies to early stopping only: pass early_stopping=True")
+    patience = 45 if patience is None else patience
     if free_bits < 0 or kl_warmup_epochs < 0:
         raise ValueError("free_bits and kl_warmup_epochs must be non-negative")
     device = resolve_device(device)
     pyro.set_rng_seed(seed)
     if networks is not None:
         networks.to(device)
-    train_index, validation_index = split_cells(data.n_cells, validation_fraction, seed)
+    if split is None:
+        train_index, validation_index = split_cells(data.n_cells, validation_fraction, seed)
+    else:
+        train_index, validation_index = (np.asarray(part, dtype=np.int64) for part in split)
+    if early_stopping and len(validation_index) == 0:
+        raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
     train_data = data.subset(train_index)
     validation_data = data.subset(validation_index) if len(validation_index) else None
     sampler = MinibatchSampler(train_data.n_cells, batch_size, shuffle=True, seed=seed)
 
     first = train_data.minibatch(next(iter(MinibatchSampler(train_data.n_cells, batch_size))))
-    first = {key: value.to(device) for key, value in first.items()}
-    probe_args = model_kwargs(model, first, None) | model_kwargs(guide, first, None)
-    enumerated = has_enumerated_sites(model, guide, probe_args)
+    probe = {key: value.to(device) for key, value in first.items()} | {"n_cells": None}
+    guide_trace, model_trace = trace_pair(model, guide, probe)
+    enumerated = any(
+        site["type"] == "sample" and site["infer"].get("enumerate") == "parallel"
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+    )
     if enumerated and free_bits > 0:
         raise ValueError("free bits are not available for models with enumerated sites")
+    annealed = annealed_sites(model, probe)
+    if kl_warmup_epochs and not annealed:
+        raise ValueError(
+            "kl_warmup_epochs is set but the model marks no site for KL warm-up; mark one with "
+            'pyro.sample(name, prior, infer={"kl_warmup": True})'
+        )
     if enumerated:
-        elbo_loss = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting(model, guide, probe_args))
+        nesting = plate_nesting(guide_trace, model_trace)
+        elbo_loss = TraceEnum_ELBO(max_plate_nesting=nesting)
     elif free_bits > 0:
         elbo_loss = free_bits_loss(free_bits)
     else:
         elbo_loss = Trace_ELBO()
 
     pyro_validation = is_validation_enabled()
-    # The data the pair reads, by name (read off its signature once, not at every step).
-    wanted = model_kwargs(model, first, None).keys()
-    kl_weight = ScaleLatents(1.0)
-    warm_model, warm_guide = kl_weight(model), kl_weight(guide)
+    kl_weight = ScaleLatents(1.0, annealed)
+    warm_model, warm_guide = kl_weight(bind_data(model)), kl_weight(bind_data(guide))
     loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
-    optimizer = None
-    rows, best, best_value, since_best = [], None, -np.inf, 0
+    optimizer = _Optimizer(lr)
+    rows, best, best_value, since_best, steps = [], None, -np.inf, 0, 0
     bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
     for epoch in bar:
         start = time.perf_counter()
@@ -277,19 +357,14 @@ def train(
         total_loss = torch.zeros((), device=device)
         for index in sampler:
             minibatch = train_data.minibatch(index, device) | {"n_cells": train_data.n_cells}
-            # The first step runs with Pyro's validation as the caller set it (the support,
-            # shape and NaN checks catch a broken model at once); later steps skip those
-            # checks, which cost ~10 % of a step: the counts were validated on the way in.
-            with pyro.validation_enabled(optimizer is None and pyro_validation):
-                loss = loss_fn(warm_model, warm_guide, **{key: minibatch[key] for key in wanted})
-            if optimizer is None:  # parameters exist once the pair has run
-                optimizer = _adam(lr)
-            optimizer.zero_grad(set_to_none=True)
+            # The counts were validated on the way in; see check_every_step.
+            with pyro.validation_enabled(pyro_validation and (steps == 0 or check_every_step)):
+                loss = loss_fn(warm_model, warm_guide, **minibatch)
             # The minibatch estimates the loss of all training cells; per cell it has the
             # scale scvi-tools optimises, which Adam's eps is relative to.
-            (loss / train_data.n_cells).backward()
-            optimizer.step()
+            optimizer.step(loss / train_data.n_cells)
             total_loss += loss.detach()
+            steps += 1
         total_loss = float(total_loss)
         train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
         if not np.isfinite(train_elbo):
