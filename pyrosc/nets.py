@@ -80,6 +80,8 @@ class MLP(nn.Module):
         n_layers: number of hidden layers (at least 1).
         dropout: dropout probability after each layer.
         covariate_sizes: number of categories of each categorical covariate to inject.
+        n_continuous: continuous covariates, appended to the input of the first layer (as
+            scvi-tools does with ``continuous_covariate_keys``).
 
     Raises:
         ValueError: a size below 1 or not an integer, or dropout outside [0, 1).
@@ -92,22 +94,36 @@ class MLP(nn.Module):
         n_layers: int = 1,
         dropout: float = 0.1,
         covariate_sizes: Sequence[int] = (),
+        n_continuous: int = 0,
     ) -> None:
         super().__init__()
         check_sizes(n_input=n_input, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
         self.covariate_sizes = tuple(int(s) for s in covariate_sizes)
+        self.n_continuous = int(n_continuous)
         n_extra = sum(self.covariate_sizes)
         self.linears = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(n_layers):
-            self.linears.append(nn.Linear((n_input if i == 0 else n_hidden) + n_extra, n_hidden))
+            n_in = n_input + self.n_continuous if i == 0 else n_hidden
+            self.linears.append(nn.Linear(n_in + n_extra, n_hidden))
             # scvi-tools' BatchNorm settings: slow running statistics, eps 1e-3.
             self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
         self.dropout = nn.Dropout(dropout)
         self.n_output = n_hidden
 
-    def forward(self, x: Tensor, covariates: Tensor | None = None) -> Tensor:
-        """``(..., n_input)`` [and ``(..., n_covariates)`` codes] -> ``(..., n_hidden)``."""
+    def forward(
+        self, x: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
+    ) -> Tensor:
+        """``(..., n_input)`` [and ``(..., n_covariates)`` codes, ``(..., n_continuous)``
+        values] -> ``(..., n_hidden)``."""
+        if self.n_continuous:
+            if continuous is None or continuous.shape[-1] != self.n_continuous:
+                found = None if continuous is None else continuous.shape[-1]
+                raise ValueError(f"expected {self.n_continuous} continuous covariates, got {found}")
+            shape = torch.broadcast_shapes(x.shape[:-1], continuous.shape[:-1])
+            x = torch.cat(
+                [x.expand(*shape, x.shape[-1]), continuous.expand(*shape, self.n_continuous)], -1
+            )
         one_hots = one_hot_covariates(covariates, self.covariate_sizes)
         if one_hots:
             # Under enumeration either side may carry extra leading dimensions: broadcast.
@@ -128,7 +144,7 @@ class GaussianEncoder(nn.Module):
     Args:
         n_input: input features (genes, usually).
         n_output: latent dimensions.
-        n_hidden, n_layers, dropout, covariate_sizes: as :class:`MLP`.
+        n_hidden, n_layers, dropout, covariate_sizes, n_continuous: as :class:`MLP`.
         min_variance: floor added to the variance, as scVI's ``var_eps``.
     """
 
@@ -141,17 +157,21 @@ class GaussianEncoder(nn.Module):
         dropout: float = 0.1,
         covariate_sizes: Sequence[int] = (),
         min_variance: float = 1e-4,
+        n_continuous: int = 0,
     ) -> None:
         super().__init__()
         check_sizes(n_output=n_output)
-        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes)
+        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous)
         self.loc = nn.Linear(n_hidden, n_output)
         self.log_variance = nn.Linear(n_hidden, n_output)
         self.min_variance = min_variance
 
-    def forward(self, x: Tensor, covariates: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(..., n_input)`` -> loc and scale, each ``(..., n_output)``."""
-        h = self.body(x, covariates)
+    def forward(
+        self, x: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(..., n_input)`` [and covariates, as :class:`MLP`] -> loc and scale, each
+        ``(..., n_output)``."""
+        h = self.body(x, covariates, continuous)
         scale = (self.log_variance(h).exp() + self.min_variance).sqrt()
         return self.loc(h), scale
 
@@ -162,7 +182,7 @@ class CountDecoder(nn.Module):
     Args:
         n_input: latent dimensions.
         n_genes: genes.
-        n_hidden, n_layers, covariate_sizes: as :class:`MLP`.
+        n_hidden, n_layers, covariate_sizes, n_continuous: as :class:`MLP`.
         dropout: dropout in the hidden layers (scVI's decoder uses none).
         gate: whether to output zero-inflation gate logits.
     """
@@ -176,18 +196,22 @@ class CountDecoder(nn.Module):
         dropout: float = 0.0,
         covariate_sizes: Sequence[int] = (),
         gate: bool = False,
+        n_continuous: int = 0,
     ) -> None:
         super().__init__()
         check_sizes(n_genes=n_genes)
         self.n_input = n_input
-        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes)
+        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous)
         self.proportion_logits = nn.Linear(n_hidden, n_genes)
         self.gate_logits = nn.Linear(n_hidden, n_genes) if gate else None
 
-    def forward(self, z: Tensor, covariates: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``(..., n_input)`` -> proportions ``(..., n_genes)`` summing to one, and gate
-        logits ``(..., n_genes)`` (None without a gate)."""
-        return self.heads(self.body(z, covariates))
+    def forward(
+        self, z: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(..., n_input)`` [and covariates, as :class:`MLP`] -> proportions
+        ``(..., n_genes)`` summing to one, and gate logits ``(..., n_genes)`` (None without a
+        gate)."""
+        return self.heads(self.body(z, covariates, continuous))
 
     def heads(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
         """The output layers alone: ``(..., n_hidden)`` hidden units -> proportions and gate
@@ -202,7 +226,7 @@ class ScviDecoder(nn.Module):
     units for a per-cell inverse dispersion ``theta_ng`` (scVI's ``dispersion="gene-cell"``).
 
     Args:
-        n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate: as
+        n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate, n_continuous: as
             :class:`CountDecoder`.
         cell_dispersion: whether to output an inverse dispersion per cell and gene.
     """
@@ -217,21 +241,23 @@ class ScviDecoder(nn.Module):
         covariate_sizes: Sequence[int] = (),
         gate: bool = False,
         cell_dispersion: bool = False,
+        n_continuous: int = 0,
     ) -> None:
         super().__init__()
         self.n_input = n_input
         self.expression = CountDecoder(
-            n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate
+            n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate, n_continuous
         )
         self.log_inverse_dispersion = nn.Linear(n_hidden, n_genes) if cell_dispersion else None
 
     def forward(
-        self, z: Tensor, covariates: Tensor | None = None
+        self, z: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(..., n_input)`` [and ``(..., n_covariates)`` codes] -> proportions, gate logits
-        and inverse dispersion, each ``(..., n_genes)`` (the last two None without their head).
+        """``(..., n_input)`` [and ``(..., n_covariates)`` codes, ``(..., n_continuous)``
+        values] -> proportions, gate logits and inverse dispersion, each ``(..., n_genes)``
+        (the last two None without their head).
         """
-        hidden = self.expression.body(z, covariates)
+        hidden = self.expression.body(z, covariates, continuous)
         proportions, gate_logits = self.expression.heads(hidden)
         inverse_dispersion = None
         if self.log_inverse_dispersion is not None:

@@ -24,7 +24,7 @@ __all__ = ["gmvae_marginal_guide", "gmvae_scvae_guide"]
 
 def gmvae_scvae_guide(
     counts: Tensor,
-    library: Tensor,
+    cell_index: Tensor,
     n_cells: int | None = None,
     *,
     classifier: Classifier,
@@ -40,7 +40,7 @@ def gmvae_scvae_guide(
 
     Args:
         counts: ``(batch, genes)`` observed counts.
-        library: ``(batch,)`` total counts (unused: the library is observed).
+        cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         classifier: ``(..., genes) -> (..., K)`` logits of q(y | x).
         encoder: ``(..., genes)`` and the cluster (a covariate with K categories) ->
@@ -48,7 +48,7 @@ def gmvae_scvae_guide(
     """
     pyro.module("classifier", classifier)
     pyro.module("encoder", encoder)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         x = torch.log1p(counts)
         y = pyro.sample(
             "y", dist.Categorical(logits=classifier(x)), infer={"enumerate": "parallel"}

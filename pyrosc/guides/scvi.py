@@ -13,9 +13,9 @@ from pyrosc.plates import cells_plate
 
 def scvi_guide(
     counts: Tensor,
-    library: Tensor,
-    batch: Tensor,
     covariates: Tensor,
+    continuous_covariates: Tensor,
+    cell_index: Tensor,
     n_cells: int | None = None,
     *,
     encoder: GaussianEncoder,
@@ -33,9 +33,9 @@ def scvi_guide(
 
     Args:
         counts: ``(cells, genes)`` observed counts of the minibatch's cells.
-        library: ``(cells,)`` total counts (unused: the encoders read the counts themselves).
-        batch: ``(cells,)`` batch codes (unused: the batch is the first of the covariates).
         covariates: ``(cells, n_covariates)`` codes of every categorical covariate.
+        continuous_covariates: ``(cells, k)`` values of the continuous covariates.
+        cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         encoder: ``(..., genes)`` [and covariates] -> ``(..., n_latent)`` loc and scale of z.
         library_encoder: ``(..., genes)`` [and covariates] -> ``(..., 1)`` loc and scale of
@@ -44,11 +44,13 @@ def scvi_guide(
     pyro.module("encoder", encoder)
     if library_encoder is not None:
         pyro.module("library_encoder", library_encoder)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         x = torch.log1p(counts)
-        loc, scale = encoder(x, covariates)
+        loc, scale = encoder(x, covariates, continuous_covariates)
         pyro.sample("z", dist.Normal(loc, scale).to_event(1))
         if library_encoder is not None:
-            log_library_loc, log_library_scale = library_encoder(x, covariates)
+            log_library_loc, log_library_scale = library_encoder(
+                x, covariates, continuous_covariates
+            )
             library_posterior = dist.LogNormal(log_library_loc[..., 0], log_library_scale[..., 0])
             pyro.sample("library", library_posterior)

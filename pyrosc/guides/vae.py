@@ -13,7 +13,7 @@ from pyrosc.plates import cells_plate
 
 def vae_guide(
     counts: Tensor,
-    library: Tensor,
+    cell_index: Tensor,
     n_cells: int | None = None,
     *,
     encoder: GaussianEncoder,
@@ -27,11 +27,11 @@ def vae_guide(
 
     Args:
         counts: ``(batch, genes)`` observed counts.
-        library: ``(batch,)`` total counts (unused: the library is observed, not inferred).
+        cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         encoder: ``(..., genes) -> (..., n_latent)`` loc and scale.
     """
     pyro.module("encoder", encoder)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         loc, scale = encoder(torch.log1p(counts))
         pyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -18,6 +18,7 @@ MIXTURE_WEIGHTS = ("uniform", "learned")
 def gmvae_model(
     counts: Tensor,
     library: Tensor,
+    cell_index: Tensor,
     n_cells: int | None = None,
     *,
     decoder: CountDecoder,
@@ -42,6 +43,7 @@ def gmvae_model(
     Args:
         counts: ``(batch, genes)`` observed counts.
         library: ``(batch,)`` total count of each cell.
+        cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportions and gates.
         component_locs_init: ``(K, n_latent)`` initial component means (distinct, to break
@@ -59,9 +61,10 @@ def gmvae_model(
         "component_scales", counts.new_ones(n_clusters, n_latent), constraint=constraints.positive
     )
     inverse_dispersion = gene_inverse_dispersion(counts, likelihood)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
-        z = pyro.sample("z", dist.Normal(component_locs[y], component_scales[y]).to_event(1))
+        prior = dist.Normal(component_locs[y], component_scales[y]).to_event(1)
+        z = pyro.sample("z", prior, infer={"kl_warmup": True})
         proportions, gate_logits = decoder(z)
         pyro.deterministic("proportions", proportions, event_dim=1)
         observation = expression_likelihood(

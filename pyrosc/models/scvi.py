@@ -75,16 +75,18 @@ def scvi_model(
     library: Tensor,
     batch: Tensor,
     covariates: Tensor,
+    continuous_covariates: Tensor,
+    cell_index: Tensor,
     n_cells: int | None = None,
     *,
     decoder: ScviDecoder,
     library_prior: LibraryPrior | None = None,
     likelihood: str = "zinb",
-    dispersion: str = "gene",
+    dispersion: str | None = "gene",
     n_batches: int = 1,
 ) -> None:
     """Generative model of the counts ``x`` of cell ``n`` from batch ``s_n`` with covariates
-    ``c_n`` (the batch first)::
+    ``c_n`` (the batch first, then other categorical and continuous covariates)::
 
         z_n      ~ Normal(0, I)                                latent state, (n_latent,)
         l_n      ~ LogNormal(mu_{s_n}, sigma_{s_n}^2)          library size (latent library)
@@ -104,26 +106,32 @@ def scvi_model(
             unused (``l_n`` is the latent site) when a ``library_prior`` is given.
         batch: ``(cells,)`` batch code ``s_n`` of each cell (zeros for a single batch).
         covariates: ``(cells, n_covariates)`` codes ``c_n`` of every categorical covariate.
+        continuous_covariates: ``(cells, k)`` values of the continuous covariates, part of
+            ``c_n`` (a ``(cells, 0)`` tensor when there are none).
+        cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         decoder: the networks ``f``: ``(..., n_latent)`` and covariates -> ``(..., genes)``
             proportions, gate logits (ZIP, ZINB) and inverse dispersion ("gene-cell").
         library_prior: the per-batch prior of a latent library; None for an observed library.
         likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
-        dispersion: ``"gene"``, ``"gene-batch"`` or ``"gene-cell"`` (for NB and ZINB).
+        dispersion: ``"gene"``, ``"gene-batch"`` or ``"gene-cell"`` (NB and ZINB; None or
+            ignored for Poisson and ZIP, which have none).
         n_batches: number of batches (the rows of the "gene-batch" inverse dispersion).
     """
-    if dispersion not in DISPERSIONS:
+    if uses_dispersion(likelihood) and dispersion not in DISPERSIONS:
         raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
     pyro.module("decoder", decoder)
     n_latent = decoder.n_input
     inverse_dispersion = _free_inverse_dispersion(counts, batch, likelihood, dispersion, n_batches)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
-        z = pyro.sample("z", prior.to_event(1))
+        z = pyro.sample("z", prior.to_event(1), infer={"kl_warmup": True})
         if library_prior is not None:
             mu, sigma = library_prior.loc[batch], library_prior.scale[batch]
             library = pyro.sample("library", dist.LogNormal(mu, sigma))
-        proportions, gate_logits, cell_inverse_dispersion = decoder(z, covariates)
+        proportions, gate_logits, cell_inverse_dispersion = decoder(
+            z, covariates, continuous_covariates
+        )
         pyro.deterministic("proportions", proportions, event_dim=1)
         if dispersion == "gene-cell":
             inverse_dispersion = cell_inverse_dispersion
@@ -134,7 +142,7 @@ def scvi_model(
 
 
 def _free_inverse_dispersion(
-    counts: Tensor, batch: Tensor, likelihood: str, dispersion: str, n_batches: int
+    counts: Tensor, batch: Tensor, likelihood: str, dispersion: str | None, n_batches: int
 ) -> Tensor | None:
     """The inverse dispersion held in Pyro parameters (initialised to 1), per cell's genes:
     ``(genes,)`` ``theta_g`` for "gene"; for "gene-batch" the rows ``theta_{s_n}``,

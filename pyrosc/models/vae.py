@@ -14,6 +14,7 @@ from pyrosc.plates import cells_plate
 def vae_model(
     counts: Tensor,
     library: Tensor,
+    cell_index: Tensor,
     n_cells: int | None = None,
     *,
     decoder: CountDecoder,
@@ -33,6 +34,7 @@ def vae_model(
     Args:
         counts: ``(batch, genes)`` observed counts.
         library: ``(batch,)`` total count of each cell.
+        cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportions and gates.
         likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
@@ -40,9 +42,9 @@ def vae_model(
     pyro.module("decoder", decoder)
     n_latent = decoder.n_input
     inverse_dispersion = gene_inverse_dispersion(counts, likelihood)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
-        z = pyro.sample("z", prior.to_event(1))
+        z = pyro.sample("z", prior.to_event(1), infer={"kl_warmup": True})
         proportions, gate_logits = decoder(z)
         pyro.deterministic("proportions", proportions, event_dim=1)
         observation = expression_likelihood(
