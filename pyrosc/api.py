@@ -32,7 +32,7 @@ from pyrosc.models import gmvae_model, scvi_model, vae_model
 from pyrosc.models.gmvae import MIXTURE_WEIGHTS
 from pyrosc.models.scvi import DISPERSIONS, LibraryPrior
 from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder, ScviDecoder, check_sizes
-from pyrosc.train import TrainResult, resolve_device, train
+from pyrosc.train import TrainResult, free_parameter_names, resolve_device, train
 
 GMVAE_GUIDES = ("marginal", "scvae")
 _LATENT_KEY = "X_pyrosc"
@@ -62,17 +62,29 @@ class PyroscModel:
         check_sizes(**{key: config[key] for key in _SIZE_KEYS if key in config})
         self.adata = adata
         self.config = config
-        self.data: CountData = from_anndata(
-            adata,
-            layer=config.get("layer"),
-            batch_key=config.get("batch_key"),
-            labels_key=config.get("labels_key"),
-            categorical_covariate_keys=config.get("categorical_covariate_keys") or (),
-        )
+        self.data: CountData = self._validated(adata, labels_key=config.get("labels_key"))
         self._params: dict | None = None
+        self._split: tuple[np.ndarray, np.ndarray] | None = None
         self._pair: tuple[Callable, Callable, nn.Module] | None = None
         self.device = torch.device("cpu")
         self.train_result: TrainResult | None = None
+
+    def _validated(
+        self,
+        adata: ad.AnnData,
+        labels_key: str | None = None,
+        covariate_categories: dict[str, list[str]] | None = None,
+    ) -> CountData:
+        """``adata``'s counts and covariates, validated with this model's settings."""
+        return from_anndata(
+            adata,
+            layer=self.config.get("layer"),
+            batch_key=self.config.get("batch_key"),
+            labels_key=labels_key,
+            categorical_covariate_keys=self.config.get("categorical_covariate_keys") or (),
+            covariate_categories=covariate_categories,
+            continuous_covariate_keys=self.config.get("continuous_covariate_keys") or (),
+        )
 
     # -- what a subclass provides ----------------------------------------------------------
 
@@ -92,18 +104,27 @@ class PyroscModel:
         seed: int = 0,
         device: str = "auto",
         progress: bool = True,
+        split: tuple[np.ndarray, np.ndarray] | None = None,
         **train_options: Any,
     ) -> PyroscModel:
         """Fit the model by SVI (see :func:`pyrosc.train.train` for every option, e.g.
         ``kl_warmup_epochs``, ``free_bits``, ``patience``).
 
-        With ``validation_fraction=0`` every cell trains (the benchmark setting). Refitting
-        starts again from fresh networks and parameters.
+        The train/validation split is drawn once, here (from ``validation_fraction`` and
+        ``seed``, or given as ``split``), and everything the fit computes from data (the
+        GMVAE's warm start, the scVI library prior, the training steps) sees only its training
+        cells. With ``validation_fraction=0`` every cell trains (the benchmark setting).
+        Refitting starts again from fresh networks and parameters.
+
+        Args:
+            split: ``(train_index, validation_index)``, cell positions, instead of a drawn
+                split.
 
         Returns:
             self, fitted; the history is in ``self.history``.
         """
         self.device = resolve_device(device)
+        self._split = self._draw_split(validation_fraction, seed, split)
         pyro.set_rng_seed(seed)  # the networks' initial weights depend on the seed too
         self._pair = self._build()
         model, guide, networks = self._pair
@@ -116,7 +137,7 @@ class PyroscModel:
                 max_epochs=max_epochs,
                 batch_size=batch_size,
                 lr=lr,
-                validation_fraction=validation_fraction,
+                split=self._split,
                 early_stopping=early_stopping,
                 seed=seed,
                 device=self.device,
@@ -125,6 +146,23 @@ class PyroscModel:
             )
         self._params = params
         return self
+
+    def _draw_split(
+        self,
+        validation_fraction: float,
+        seed: int,
+        split: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The fit's one train/validation split of cell positions."""
+        if split is None:
+            return split_cells(self.data.n_cells, validation_fraction, seed)
+        train_index, validation_index = (np.asarray(part, dtype=np.int64) for part in split)
+        both = np.concatenate([train_index, validation_index])
+        if len(np.unique(both)) != len(both) or (len(both) and both.min() < 0):
+            raise ValueError("split must hold distinct, non-negative cell positions")
+        if len(both) and both.max() >= self.data.n_cells:
+            raise ValueError(f"split holds positions beyond the {self.data.n_cells} cells")
+        return train_index, validation_index
 
     @property
     def history(self) -> pd.DataFrame:
@@ -156,15 +194,7 @@ class PyroscModel:
                 "model was set up with, in the same order; subset it with "
                 "adata[:, model.data.var_names]"
             )
-        data = from_anndata(
-            adata,
-            layer=self.config.get("layer"),
-            batch_key=self.config.get("batch_key"),
-            labels_key=None,
-            categorical_covariate_keys=self.config.get("categorical_covariate_keys") or (),
-            covariate_categories=self.data.covariate_categories,
-        )
-        return adata, data
+        return adata, self._validated(adata, covariate_categories=self.data.covariate_categories)
 
     @torch.no_grad()
     def latent(self, adata: ad.AnnData | None = None, batch_size: int = 1024) -> np.ndarray:
@@ -467,12 +497,8 @@ class PyroscModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with self._scope() as (_, _, networks):
-            store = pyro.get_param_store()
-            params = {
-                name: store[name].detach().cpu()
-                for name in store.keys()
-                if "$$$" not in name  # module weights are saved with their module
-            }
+            store = pyro.get_param_store()  # module weights are saved with their module
+            params = {name: store[name].detach().cpu() for name in free_parameter_names(networks)}
         tensors = {
             "networks": {k: v.cpu() for k, v in networks.state_dict().items()},
             "params": params,
@@ -508,13 +534,8 @@ class PyroscModel:
         self = cls(adata, **meta["config"])
         if self.data.covariate_categories != meta["covariate_categories"]:
             # Codes must mean what they meant in training (adata may hold fewer categories).
-            self.data = from_anndata(
-                adata,
-                layer=self.config.get("layer"),
-                batch_key=self.config.get("batch_key"),
-                labels_key=self.config.get("labels_key"),
-                categorical_covariate_keys=self.config.get("categorical_covariate_keys") or (),
-                covariate_categories=meta["covariate_categories"],
+            self.data = self._validated(
+                adata, self.config.get("labels_key"), meta["covariate_categories"]
             )
         self.device = resolve_device(device)
         tensors = torch.load(path / "model.pt", map_location=self.device, weights_only=True)
@@ -526,12 +547,7 @@ class PyroscModel:
             # Run the pair once so each parameter is created with its constraint, then set it.
             probe = self.data.minibatch(np.arange(min(2, self.data.n_cells)), self.device)
             with poutine.block(), torch.no_grad():
-                guide_trace = poutine.trace(guide).get_trace(
-                    **evaluate.model_kwargs(guide, probe, None)
-                )
-                poutine.replay(model, trace=guide_trace)(
-                    **evaluate.model_kwargs(model, probe, None)
-                )
+                evaluate.trace_pair(model, guide, {**probe, "n_cells": None})
             store = pyro.get_param_store()
             for name, value in tensors["params"].items():
                 store[name] = value
@@ -664,7 +680,7 @@ class GMVAE(PyroscModel):
         max_epochs: int = 400,
         *,
         init: str = "kmeans",
-        init_epochs: int = 50,
+        init_epochs: int | None = None,
         seed: int = 0,
         **fit_options: Any,
     ) -> GMVAE:
@@ -674,29 +690,41 @@ class GMVAE(PyroscModel):
             max_epochs: epochs of the GMVAE itself.
             init: ``"kmeans"`` (a VAE warm start of ``init_epochs`` epochs, then k-means of its
                 latent: see the class notes) or ``"random"`` (component means ~ N(0, I)).
-            init_epochs: epochs of the warm-start VAE.
+            init_epochs: epochs of the warm-start VAE (``init="kmeans"`` only; default 50).
             seed: as :meth:`PyroscModel.fit`; also seeds the warm start and k-means.
+
+        The warm start and k-means see the training cells only, never the validation cells.
         """
         if init not in ("kmeans", "random"):
             raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
+        if init_epochs is not None and init != "kmeans":
+            raise ValueError("init_epochs is the warm start's: it applies to init='kmeans' only")
         self._warm_start = None
         if init == "kmeans":
-            self._warm_start = self._vae_warm_start(init_epochs, seed, fit_options)
+            split = self._draw_split(
+                fit_options.get("validation_fraction", 0.1), seed, fit_options.get("split")
+            )
+            fit_options["split"] = split
+            epochs = 50 if init_epochs is None else init_epochs
+            self._warm_start = self._vae_warm_start(epochs, seed, split[0], fit_options)
         super().fit(max_epochs=max_epochs, seed=seed, **fit_options)
         return self
 
     def _vae_warm_start(
-        self, epochs: int, seed: int, fit_options: dict
+        self, epochs: int, seed: int, train_index: np.ndarray, fit_options: dict
     ) -> tuple[np.ndarray, dict[str, dict]]:
-        """Fit a VAE of the same sizes; k-means centres of its latent and its network weights."""
+        """Fit a VAE of the same sizes to the training cells; k-means centres of their latent
+        and the VAE's network weights."""
         from sklearn.cluster import KMeans
 
         c = self.config
         vae = VAE(self.adata, c["likelihood"], c["layer"], None, c["n_latent"], c["n_hidden"],
                   c["n_layers"], c["dropout"])  # fmt: skip
         options = {k: v for k, v in fit_options.items() if k in ("batch_size", "lr", "device")}
-        vae.fit(max_epochs=epochs, seed=seed, validation_fraction=0, progress=False, **options)
-        latent = vae._latent(vae.data)  # the user's adata keeps no trace of the warm start
+        no_validation = (train_index, np.zeros(0, dtype=np.int64))
+        vae.fit(max_epochs=epochs, seed=seed, split=no_validation, progress=False, **options)
+        # The user's adata keeps no trace of the warm start.
+        latent = vae._latent(vae.data.subset(train_index))
         kmeans = KMeans(c["n_clusters"], n_init=10, random_state=seed).fit(latent)
         _, _, networks = vae._pair
         states = {name: module.state_dict() for name, module in networks.items()}
@@ -783,16 +811,20 @@ class SCVI(PyroscModel):
 
     Args:
         adata: raw counts in ``adata.X`` or ``adata.layers[layer]``, cells x genes.
-        batch_key: obs column of the batch (the first covariate); None for a single batch.
+        batch_key: obs column of the batch (the first covariate); None (the default) for a
+            single batch.
         likelihood: ``"zinb"`` (scvi-tools' default), ``"nb"``, ``"poisson"`` or ``"zip"``.
-        dispersion: the inverse dispersion of NB and ZINB: ``"gene"`` (one per gene),
-            ``"gene-batch"`` (one per gene and batch) or ``"gene-cell"`` (from the decoder).
+        dispersion: the inverse dispersion of NB and ZINB: ``"gene"`` (one per gene; the
+            default), ``"gene-batch"`` (one per gene and batch) or ``"gene-cell"`` (from the
+            decoder). Poisson and ZIP have none: passing one with them is an error.
         library: ``"observed"`` (each cell's total count; the default, as scvi-tools 1.4.2's
             ``use_observed_lib_size=True``) or ``"latent"`` (a latent ``l`` with a lognormal
             prior per batch, fixed from the training cells, and an amortized ``q(l | x)``).
         layer: the layer holding counts (None: ``adata.X``).
         labels_key: obs column of cell labels (kept for scoring; not used in training).
         categorical_covariate_keys: further categorical obs columns the decoder sees.
+        continuous_covariate_keys: numeric obs columns the decoder sees (e.g. percent
+            mitochondrial counts, cell-cycle scores), appended to its input as in scvi-tools.
         encode_covariates: whether the encoders also see the covariates (scvi-tools' default:
             no, so ``q(z | x)`` cannot lean on the batch).
         n_latent, n_hidden, n_layers, dropout: network sizes (scvi-tools' defaults); the
@@ -808,21 +840,29 @@ class SCVI(PyroscModel):
     def __init__(
         self,
         adata: ad.AnnData,
-        batch_key: str | None = "batch",
+        batch_key: str | None = None,
         likelihood: str = "zinb",
-        dispersion: str = "gene",
+        dispersion: str | None = None,
         library: str = "observed",
         layer: str | None = None,
         labels_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         encode_covariates: bool = False,
         n_latent: int = 10,
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout: float = 0.1,
     ) -> None:
-        if dispersion not in DISPERSIONS:
-            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
+        if likelihood in LIKELIHOODS and not uses_dispersion(likelihood) and dispersion:
+            raise ValueError(
+                f"dispersion={dispersion!r} does not apply to likelihood={likelihood!r}, which "
+                "has no dispersion; leave dispersion unset, or use 'nb' or 'zinb'."
+            )
+        if likelihood in LIKELIHOODS and uses_dispersion(likelihood):
+            dispersion = dispersion or "gene"
+            if dispersion not in DISPERSIONS:
+                raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
         if library not in SCVI_LIBRARIES:
             raise ValueError(f"library must be one of {SCVI_LIBRARIES}, got {library!r}")
         if batch_key is None and categorical_covariate_keys:
@@ -831,6 +871,11 @@ class SCVI(PyroscModel):
             raise ValueError(
                 "categorical_covariate_keys need a batch_key: the library prior and the "
                 "gene-batch dispersion are per batch. Pass the batch column as batch_key."
+            )
+        if encode_covariates and batch_key is None and not continuous_covariate_keys:
+            raise ValueError(
+                "encode_covariates=True but there are no covariates to encode: pass a "
+                "batch_key or continuous_covariate_keys, or leave encode_covariates off."
             )
         super().__init__(
             adata,
@@ -841,45 +886,42 @@ class SCVI(PyroscModel):
             layer=layer,
             labels_key=labels_key,
             categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
             encode_covariates=encode_covariates,
             n_latent=n_latent,
             n_hidden=n_hidden,
             n_layers=n_layers,
             dropout=dropout,
         )
-        self._library_prior_cells: np.ndarray | None = None
-
-    def fit(
-        self, max_epochs: int = 400, *, validation_fraction: float = 0.1, seed: int = 0, **options
-    ) -> SCVI:
-        """Fit by SVI (see :meth:`PyroscModel.fit` for the options).
-
-        A latent library's prior is computed from the training cells alone: the split that
-        :func:`pyrosc.train.train` makes from the same ``validation_fraction`` and ``seed``.
-        """
-        self._library_prior_cells, _ = split_cells(self.data.n_cells, validation_fraction, seed)
-        super().fit(max_epochs, validation_fraction=validation_fraction, seed=seed, **options)
-        return self
 
     def _batch_names(self) -> list[str]:
         key = self.config["batch_key"]
         return ["all cells"] if key is None else self.data.covariate_categories[key]
 
     def _library_prior(self) -> LibraryPrior:
-        """The prior of the latent library from the training cells; at load (no training cells)
+        """The prior of the latent library from the fit's training cells; at load (no split)
         a placeholder of the right shape, into which the saved prior is then loaded."""
-        names, key, cells = self._batch_names(), self.config["batch_key"], self._library_prior_cells
-        if cells is None:
+        names, key = self._batch_names(), self.config["batch_key"]
+        if self._split is None:
             return LibraryPrior(torch.zeros(len(names)), torch.ones(len(names)))
+        cells = self._split[0]
         batch = np.zeros(len(cells), np.int64) if key is None else self.data.covariates[key][cells]
         return LibraryPrior.from_library(self.data.library[cells], batch, names)
 
     def _build(self) -> tuple[Callable, Callable, nn.Module]:
         c, data = self.config, self.data
         covariate_sizes = [len(data.covariate_categories[key]) for key in data.covariates]
+        n_continuous = len(data.continuous_covariate_keys)
         encoded = covariate_sizes if c["encode_covariates"] else ()
+        encoded_continuous = n_continuous if c["encode_covariates"] else 0
         sizes = (c["n_hidden"], c["n_layers"], c["dropout"])
-        encoder = GaussianEncoder(data.n_genes, c["n_latent"], *sizes, covariate_sizes=encoded)
+        encoder = GaussianEncoder(
+            data.n_genes,
+            c["n_latent"],
+            *sizes,
+            covariate_sizes=encoded,
+            n_continuous=encoded_continuous,
+        )
         decoder = ScviDecoder(
             c["n_latent"],
             data.n_genes,
@@ -887,14 +929,21 @@ class SCVI(PyroscModel):
             c["n_layers"],
             covariate_sizes=covariate_sizes,
             gate=uses_gate(c["likelihood"]),
-            cell_dispersion=c["dispersion"] == "gene-cell" and uses_dispersion(c["likelihood"]),
+            cell_dispersion=c["dispersion"] == "gene-cell",
+            n_continuous=n_continuous,
         )
         networks = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
         library_prior = library_encoder = None
         if c["library"] == "latent":
             library_prior = self._library_prior()
             library_encoder = GaussianEncoder(
-                data.n_genes, 1, c["n_hidden"], 1, c["dropout"], covariate_sizes=encoded
+                data.n_genes,
+                1,
+                c["n_hidden"],
+                1,
+                c["dropout"],
+                covariate_sizes=encoded,
+                n_continuous=encoded_continuous,
             )
             # Start q(log l | x) at the prior: log library sizes are ~7-11, and from an output
             # near 0, Adam at lr 1e-3 needs thousands of steps just to get there (meanwhile the

@@ -39,14 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--likelihood", choices=LIKELIHOODS, help="default: nb (zinb for scvi, as scvi-tools)"
     )
+    fit.add_argument("--n-clusters", type=int, help="GMVAE: mixture components (default: 10)")
     fit.add_argument(
-        "--n-clusters", type=int, default=10, help="GMVAE mixture components (default: %(default)s)"
-    )
-    fit.add_argument(
-        "--guide",
-        choices=("scvae", "marginal"),
-        default="scvae",
-        help="GMVAE guide (default: %(default)s)",
+        "--guide", choices=("scvae", "marginal"), help="GMVAE: the guide (default: scvae)"
     )
     fit.add_argument(
         "--batch-key", default=None, help="scVI: obs column of the batch (default: one batch)"
@@ -54,14 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--dispersion",
         choices=DISPERSIONS,
-        default="gene",
-        help="scVI: inverse dispersion per gene, gene and batch, or cell (default: %(default)s)",
+        help="scVI with nb or zinb: inverse dispersion per gene, gene and batch, or cell "
+        "(default: gene)",
     )
     fit.add_argument(
         "--library",
         choices=("observed", "latent"),
-        default="observed",
-        help="scVI: observed total counts or a latent library size (default: %(default)s)",
+        help="scVI: observed total counts or a latent library size (default: observed)",
     )
     fit.add_argument("--out", default="pyrosc_out", help="output directory (default: %(default)s)")
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
@@ -125,6 +119,24 @@ def _save_figures(out: Path, adata: ad.AnnData, history, colors: list[str]) -> N
     plt.close(fig)
 
 
+# The options that belong to one model only.
+_MODEL_OPTIONS = {
+    "scvi": ("batch_key", "dispersion", "library"),
+    "gmvae": ("n_clusters", "guide"),
+}
+
+
+def _check_options_apply(args: argparse.Namespace) -> None:
+    """Raise a ValueError for an option given that the chosen model does not take."""
+    for model, options in _MODEL_OPTIONS.items():
+        for option in options:
+            if model != args.model and getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise ValueError(
+                    f"{flag} is for --model {model}; --model {args.model} does not take it"
+                )
+
+
 def fit_command(args: argparse.Namespace) -> int:
     """Run ``pyrosc fit``: load, select genes, fit, write the model and latent, then score,
     cluster, embed and draw.
@@ -139,8 +151,7 @@ def fit_command(args: argparse.Namespace) -> int:
 
     from pyrosc import GMVAE, SCVI, VAE, datasets
 
-    if args.batch_key is not None and args.model != "scvi":
-        raise ValueError(f"--batch-key is for --model scvi; {args.model} has no batch")
+    _check_options_apply(args)
     likelihood = args.likelihood or ("zinb" if args.model == "scvi" else "nb")
     started = time.perf_counter()
     out = Path(args.out)
@@ -166,13 +177,14 @@ def fit_command(args: argparse.Namespace) -> int:
     sizes = {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "n_layers": args.n_layers}
     common = {"likelihood": likelihood, "layer": args.layer, "labels_key": labels_key}
     if args.model == "gmvae":
-        model = GMVAE(adata, n_clusters=args.n_clusters, guide=args.guide, **common, **sizes)
+        n_clusters = 10 if args.n_clusters is None else args.n_clusters
+        model = GMVAE(adata, n_clusters, guide=args.guide or "scvae", **common, **sizes)
     elif args.model == "scvi":
         model = SCVI(
             adata,
             batch_key=args.batch_key,
             dispersion=args.dispersion,
-            library=args.library,
+            library=args.library or "observed",
             **common,
             **sizes,
         )
