@@ -128,3 +128,21 @@ def test_sizes_of_zero_are_reported_before_training(tmp_path, capsys, option, me
     simulate_counts(n_cells=50, n_genes=20).write_h5ad(data)
     assert main(["fit", str(data), *option, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--dispersion", "gene-batch"], "--dispersion is for --model scvi"),
+        (["--library", "latent"], "--library is for --model scvi"),
+        (["--guide", "marginal"], "--guide is for --model gmvae"),
+        (["--n-clusters", "4"], "--n-clusters is for --model gmvae"),
+        (["--model", "scvi", "--n-clusters", "4"], "--model scvi does not take it"),
+        (["--model", "scvi", "--likelihood", "poisson", "--dispersion", "gene"], "does not apply"),
+    ],
+)
+def test_options_of_another_model_are_errors(tmp_path, capsys, option, message):
+    data = tmp_path / "toy.h5ad"
+    simulate_counts(n_cells=50, n_genes=20).write_h5ad(data)
+    assert main(["fit", str(data), *option, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err

@@ -20,8 +20,8 @@ B = torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64)
 S = 0.7
 
 
-def linear_gaussian_model(counts, n_cells=None):
-    with cells_plate(counts, n_cells):
+def linear_gaussian_model(counts, cell_index, n_cells=None):
+    with cells_plate(cell_index, n_cells):
         z = pyro.sample("z", dist.Normal(counts.new_zeros(2), counts.new_ones(2)).to_event(1))
         pyro.sample(
             "counts", dist.Normal(z @ W.T.to(counts) + B.to(counts), S).to_event(1), obs=counts
@@ -39,10 +39,10 @@ def exact_posterior(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def make_guide(shift: float, inflate: float):
     """A diagonal Gaussian guide: the exact posterior's marginals, shifted and widened."""
 
-    def guide(counts, n_cells=None):
+    def guide(counts, cell_index, n_cells=None):
         mean, covariance = exact_posterior(counts.double())
         scale = covariance.diagonal().sqrt() * inflate
-        with cells_plate(counts, n_cells):
+        with cells_plate(cell_index, n_cells):
             pyro.sample("z", dist.Normal((mean + shift).to(counts), scale.to(counts)).to_event(1))
 
     return guide
@@ -97,12 +97,12 @@ def test_log_likelihood_covers_all_cells_in_chunks(gaussian_data):
 def test_global_latent_is_refused(gaussian_data):
     data, _ = gaussian_data
 
-    def model(counts, n_cells=None):
+    def model(counts, cell_index, n_cells=None):
         shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
-        with cells_plate(counts, n_cells):
+        with cells_plate(cell_index, n_cells):
             pyro.sample("counts", dist.Normal(shift, 1.0).expand([3]).to_event(1), obs=counts)
 
-    def guide(counts, n_cells=None):
+    def guide(counts, cell_index, n_cells=None):
         pyro.sample("shift", dist.Normal(0.0, 1.0))
 
     with pytest.raises(ValueError, match="not inside the plate 'cells'"):

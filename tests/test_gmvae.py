@@ -18,6 +18,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from pyrosc import GMVAE, evaluate
 from pyrosc.data import from_anndata
+from pyrosc.evaluate import bind_data
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide
 from pyrosc.models import gmvae_model
 from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder
@@ -53,8 +54,10 @@ def recording(guide):
     """The guide, keeping the z it draws (the inner trace passes every site on)."""
     draws = []
 
-    def wrapped(counts, library, n_cells=None):
-        trace = poutine.trace(guide).get_trace(counts, library, n_cells)
+    def wrapped(counts, cell_index, n_cells=None):
+        trace = poutine.trace(guide).get_trace(
+            counts=counts, cell_index=cell_index, n_cells=n_cells
+        )
         draws.append(trace.nodes["z"]["value"])
 
     return wrapped, draws
@@ -68,16 +71,18 @@ def nb_logpmf(x: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np.ndarray:
 def tiny_batch():
     data = from_anndata(simulate_counts(n_cells=6, n_genes=5, seed=3))
     batch = data.minibatch(np.arange(6))
-    return data, batch["counts"], batch["library"]
+    return data, batch["counts"], batch["library"], batch
 
 
 @pytest.mark.parametrize("guide_name", ["marginal", "scvae"])
 def test_enumerated_elbo_equals_the_sum_over_clusters_by_hand(tiny_batch, guide_name):
-    data, x, library = tiny_batch
+    data, x, library, batch = tiny_batch
     model, guide, networks = tiny_pair(data.n_genes, guide_name)
     guide, draws = recording(guide)
     with torch.no_grad():
-        elbo = -TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, x, library)
+        elbo = -TraceEnum_ELBO(max_plate_nesting=1).loss(
+            bind_data(model), bind_data(guide), **batch
+        )
         z = draws[-1].double()  # marginal: (cells, L); scvae: (K, cells, L), one draw per y
         store = pyro.get_param_store()
         w = store["mixture_weights"].double().numpy()
@@ -122,10 +127,11 @@ def test_enumerated_elbo_equals_the_sum_over_clusters_by_hand(tiny_batch, guide_
 @pytest.mark.parametrize("guide_name", ["marginal", "scvae"])
 def test_importance_weights_sum_clusters_out_exactly(tiny_batch, guide_name):
     """log p(x) with K -> many samples from both guides agrees (same model, two estimators)."""
-    data, x, library = tiny_batch
+    data, x, library, batch = tiny_batch
     model, guide, networks = tiny_pair(data.n_genes, guide_name)
     with torch.no_grad():
-        TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, x, library)  # create params
+        # create the parameters
+        TraceEnum_ELBO(max_plate_nesting=1).loss(bind_data(model), bind_data(guide), **batch)
         pyro.set_rng_seed(0)
         log_lik = evaluate.log_likelihood(model, guide, data, 4000, networks=networks)
         elbo = evaluate.elbo(model, guide, data, 4000, networks=networks)
@@ -133,10 +139,10 @@ def test_importance_weights_sum_clusters_out_exactly(tiny_batch, guide_name):
 
 
 def test_cluster_posterior_is_bayes_rule_at_the_posterior_mean(tiny_batch):
-    data, x, library = tiny_batch
+    data, x, library, batch = tiny_batch
     model, guide, networks = tiny_pair(data.n_genes, "marginal")
     with torch.no_grad():
-        TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, x, library)
+        TraceEnum_ELBO(max_plate_nesting=1).loss(bind_data(model), bind_data(guide), **batch)
         probs = evaluate.discrete_posterior(model, guide, data, "y", networks=networks)
         store = pyro.get_param_store()
         w = store["mixture_weights"].double().numpy()

@@ -146,8 +146,8 @@ def test_cluster_draws_follow_bayes_rule_or_the_guides_q_y():
     pyro.param("component_scales", scales.expand(3, 2).clone(), constraint=constraints.positive)
     point = torch.tensor([[-0.8, 0.2], [0.9, 0.4], [0.0, -1.0], [0.3, -0.3]])
 
-    def point_guide(counts, library, n_cells=None):
-        with cells_plate(counts, n_cells):
+    def point_guide(counts, library, cell_index, n_cells=None):
+        with cells_plate(cell_index, n_cells):
             pyro.sample("z", dist.Delta(point).to_event(1))
 
     n = 4000
@@ -194,7 +194,7 @@ def batch_effect_data(n_cells: int = 200, n_genes: int = 20, seed: int = 0):
 @pytest.fixture(scope="module")
 def batch_effect_fit():
     adata, effect = batch_effect_data()
-    model = SCVI(adata, likelihood="nb", **TINY).fit(progress=False, **QUICK)
+    model = SCVI(adata, batch_key="batch", likelihood="nb", **TINY).fit(progress=False, **QUICK)
     return model, effect
 
 
@@ -353,22 +353,22 @@ def test_every_model_answers_every_question(cls, options):
 # -- a model written outside the package -------------------------------------------------------
 
 
-def factor_model(counts, library, batch, n_cells=None):
+def factor_model(counts, library, batch, cell_index, n_cells=None):
     """z ~ N(0, I_2); rho = softmax(W z + b_batch); x ~ Poisson(l rho): a Poisson factor model
     with a batch offset, written with plain Pyro parameters."""
     n_genes = counts.shape[-1]
     loadings = pyro.param("loadings", counts.new_zeros(2, n_genes))
     offsets = pyro.param("offsets", counts.new_zeros(2, n_genes))
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         z = pyro.sample("z", dist.Normal(counts.new_zeros(2), 1.0).to_event(1))
         rho = torch.softmax(z @ loadings + offsets[batch], dim=-1)
         pyro.deterministic("proportions", rho, event_dim=1)
         pyro.sample("counts", dist.Poisson(library.unsqueeze(-1) * rho).to_event(1), obs=counts)
 
 
-def factor_guide(counts, library, batch, n_cells=None, *, encoder):
+def factor_guide(counts, library, batch, cell_index, n_cells=None, *, encoder):
     pyro.module("encoder", encoder)
-    with cells_plate(counts, n_cells):
+    with cells_plate(cell_index, n_cells):
         loc, scale = encoder(torch.log1p(counts))
         pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -408,8 +408,8 @@ def test_gene_log_likelihood_is_the_counts_log_pmf_under_a_point_posterior():
     data = from_anndata(adata, batch_key="batch")
     point = torch.randn(12, 2)
 
-    def point_guide(counts, library, batch, n_cells=None):
-        with cells_plate(counts, n_cells):
+    def point_guide(counts, library, batch, cell_index, n_cells=None):
+        with cells_plate(cell_index, n_cells):
             pyro.sample("z", dist.Delta(point[: counts.shape[0]]).to_event(1))
 
     pyro.param("loadings", torch.randn(2, 5))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pyro
 import pytest
 import torch
@@ -15,8 +17,10 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from scipy import stats
 
+import pyrosc
 from pyrosc import SCVI, evaluate
 from pyrosc.data import from_anndata
+from pyrosc.evaluate import bind_data
 from pyrosc.guides import scvi_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
 from pyrosc.models import scvi_model
@@ -112,7 +116,7 @@ def test_library_prior_is_the_log_library_mean_and_variance_of_each_batch(adata,
 
 
 def test_scvi_fits_its_library_prior_to_the_training_cells_only(adata):
-    model = SCVI(adata, library="latent", **TINY).fit(
+    model = SCVI(adata, batch_key="batch", library="latent", **TINY).fit(
         max_epochs=1, validation_fraction=0.25, progress=False
     )
     train = model.train_result.train_index
@@ -131,7 +135,7 @@ def test_scvi_fits_its_library_prior_to_the_training_cells_only(adata):
 def test_latent_library_posterior_starts_at_the_prior_scale(adata):
     # lr=0: the networks stay as initialised. q(log l | x) must start near the data's log
     # library sizes (~log 300 here), not near 0, or training spends its steps getting there.
-    model = SCVI(adata, library="latent", **TINY).fit(
+    model = SCVI(adata, batch_key="batch", library="latent", **TINY).fit(
         max_epochs=1, validation_fraction=0, lr=0.0, progress=False
     )
     minibatch = model.data.minibatch(np.arange(model.data.n_cells))
@@ -219,7 +223,7 @@ def test_guide_samples_exactly_the_models_latent_sites(data, library):
     model, guide, _ = make_pair(data, "zinb", "gene-batch", library)
     minibatch = data.minibatch(np.arange(16))
     # Pyro's validation (on in conftest) checks that the guide samples the model's latents.
-    loss = Trace_ELBO().loss(model, guide, **evaluate.model_kwargs(model, minibatch, 120))
+    loss = Trace_ELBO().loss(bind_data(model), bind_data(guide), **minibatch, n_cells=120)
     assert np.isfinite(loss)
     guide_trace, model_trace = traces(model, guide, minibatch)
     expected = {"z", "library"} if library == "latent" else {"z"}
@@ -238,9 +242,19 @@ def test_log_likelihood_with_a_latent_library(data):
 @pytest.mark.parametrize("dispersion", DISPERSIONS)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_short_fit_runs_for_every_option(likelihood, dispersion, library):
+    if not uses_dispersion(likelihood):
+        if dispersion != "gene":
+            pytest.skip("Poisson and ZIP have no dispersion: one run each")
+        dispersion = None
     adata = two_batches(n_cells=40, n_genes=6)
     model = SCVI(
-        adata, likelihood=likelihood, dispersion=dispersion, library=library, n_latent=2, n_hidden=4
+        adata,
+        batch_key="batch",
+        likelihood=likelihood,
+        dispersion=dispersion,
+        library=library,
+        n_latent=2,
+        n_hidden=4,
     ).fit(max_epochs=2, batch_size=20, validation_fraction=0, progress=False)
     assert np.all(np.isfinite(model.history["train_elbo"]))
     assert model.latent().shape == (40, 2)
@@ -251,14 +265,22 @@ def test_short_fit_runs_for_every_option(likelihood, dispersion, library):
 
 
 def test_decoder_sees_every_covariate_and_encoders_only_when_asked(adata):
-    model = SCVI(adata, categorical_covariate_keys=["donor"], encode_covariates=True, **TINY)
+    model = SCVI(
+        adata,
+        batch_key="batch",
+        categorical_covariate_keys=["donor"],
+        encode_covariates=True,
+        **TINY,
+    )
     model.fit(max_epochs=1, progress=False)
     with model._scope() as (_, _, networks):
         assert networks["decoder"].expression.body.covariate_sizes == (2, 3)
         assert networks["encoder"].body.covariate_sizes == (2, 3)
     expression = model.normalized_expression(transform_batch="a")
     assert expression.shape == (adata.n_obs, adata.n_vars)
-    plain = SCVI(adata, categorical_covariate_keys=["donor"], **TINY).fit(1, progress=False)
+    plain = SCVI(adata, batch_key="batch", categorical_covariate_keys=["donor"], **TINY).fit(
+        1, progress=False
+    )
     with plain._scope() as (_, _, networks):
         assert networks["encoder"].body.covariate_sizes == ()
 
@@ -268,7 +290,9 @@ def test_decoder_sees_every_covariate_and_encoders_only_when_asked(adata):
 
 @pytest.fixture(scope="module")
 def fitted():
-    model = SCVI(two_batches(), library="latent", dispersion="gene-batch", **TINY)
+    model = SCVI(
+        two_batches(), batch_key="batch", library="latent", dispersion="gene-batch", **TINY
+    )
     return model.fit(max_epochs=2, validation_fraction=0, progress=False)
 
 
@@ -297,7 +321,7 @@ def test_library_size_scales_or_uses_each_cells_library(fitted):
     np.testing.assert_allclose(seeded(fitted, library_size=1e4), 1e4 * seeded(fitted), rtol=1e-5)
     latent = seeded(fitted, library_size="latent", n_samples=4)
     assert np.all(np.isfinite(latent)) and np.all(latent > 0)
-    observed = SCVI(two_batches(), **TINY).fit(max_epochs=1, progress=False)
+    observed = SCVI(two_batches(), batch_key="batch", **TINY).fit(max_epochs=1, progress=False)
     totals = np.asarray(observed.adata.X.sum(axis=1)).ravel()
     with_totals = observed.normalized_expression(library_size="latent")
     np.testing.assert_allclose(with_totals.sum(axis=1), totals, rtol=1e-5)
@@ -329,7 +353,7 @@ def test_missing_batch_values_are_an_error(adata):
     adata.obs["batch"] = adata.obs["batch"].astype(object)
     adata.obs.iloc[3, adata.obs.columns.get_loc("batch")] = None
     with pytest.raises(ValueError, match="'batch' has missing values in 1 cells"):
-        SCVI(adata)
+        SCVI(adata, batch_key="batch")
 
 
 def test_unknown_transform_batch_lists_the_known_batches(fitted):
@@ -366,3 +390,74 @@ def test_minibatch_scaling_covers_the_library(data):
     trace = poutine.trace(model).get_trace(**evaluate.model_kwargs(model, minibatch, 120))
     assert trace.nodes["library"]["scale"] == pytest.approx(6.0)
     assert trace.nodes["counts"]["scale"] == pytest.approx(6.0)
+
+
+# -- continuous covariates and options that do not apply ----------------------------------------
+
+
+def mito_data(n_cells: int = 300, n_genes: int = 12, seed: int = 0):
+    """Counts whose first 4 genes rise and next 4 fall with a per-cell covariate pct_mito."""
+    rng = np.random.default_rng(seed)
+    pct = rng.uniform(-1.5, 1.5, size=n_cells)
+    effect = np.zeros(n_genes)
+    effect[:4], effect[4:8] = 1.2, -1.2
+    logits = rng.normal(0, 0.3, size=n_genes) + pct[:, None] * effect
+    rho = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    counts = rng.poisson(rho * rng.lognormal(np.log(600), 0.2, size=(n_cells, 1)))
+    counts[:, 0] += 1
+    obs = pd.DataFrame({"pct_mito": pct}, index=[f"c{i}" for i in range(n_cells)])
+    return ad.AnnData(counts.astype(np.float32), obs=obs)
+
+
+def test_continuous_covariate_effect_is_recovered_with_its_sign():
+    adata = mito_data()
+    model = SCVI(adata, likelihood="nb", continuous_covariate_keys=["pct_mito"], **TINY)
+    model.fit(max_epochs=60, batch_size=64, lr=1e-2, validation_fraction=0, progress=False)
+    _, _, networks = model._pair
+    z = torch.from_numpy(model.latent()).mean(0, keepdim=True)
+    codes = torch.zeros(1, 0, dtype=torch.int64)
+    with torch.no_grad():
+        high = networks["decoder"](z, codes, torch.tensor([[1.0]]))[0]
+        low = networks["decoder"](z, codes, torch.tensor([[-1.0]]))[0]
+    change = (high / low).log()[0].numpy()
+    assert (change[:4] > 0.3).all() and (change[4:8] < -0.3).all()
+
+
+def test_continuous_covariates_are_validated():
+    adata = mito_data(n_cells=20)
+    with pytest.raises(ValueError, match="continuous_covariate_keys 'pct' is not a column"):
+        SCVI(adata, continuous_covariate_keys=["pct"])
+    adata.obs.loc["c3", "pct_mito"] = np.nan
+    with pytest.raises(
+        ValueError, match=r"'pct_mito' is NaN or infinite in 1 cells \(e\.g\. 'c3'\)"
+    ):
+        SCVI(adata, continuous_covariate_keys=["pct_mito"])
+    adata.obs["pct_mito"] = "high"
+    with pytest.raises(ValueError, match="must be numeric"):
+        SCVI(adata, continuous_covariate_keys=["pct_mito"])
+
+
+def test_one_batch_without_a_batch_key():
+    adata = mito_data(n_cells=40)
+    model = SCVI(adata, **TINY).fit(max_epochs=1, progress=False)
+    assert model.data.covariates == {} and model.latent().shape == (40, 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"likelihood": "poisson", "dispersion": "gene-batch"}, "does not apply to likelihood"),
+        ({"likelihood": "zip", "dispersion": "gene"}, "does not apply to likelihood"),
+        ({"encode_covariates": True}, "no covariates to encode"),
+    ],
+)
+def test_options_that_do_not_apply_are_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        SCVI(mito_data(n_cells=20), **options)
+
+
+def test_training_options_that_do_not_apply_are_errors(toy_adata):
+    with pytest.raises(ValueError, match="patience applies to early stopping only"):
+        SCVI(toy_adata, **TINY).fit(max_epochs=1, patience=3, progress=False)
+    with pytest.raises(ValueError, match="init_epochs is the warm start's"):
+        pyrosc.GMVAE(toy_adata, n_clusters=2, n_latent=2).fit(init="random", init_epochs=5)

@@ -13,6 +13,7 @@ from pyro.infer import Trace_ELBO
 
 from pyrosc import VAE, evaluate
 from pyrosc.data import from_anndata
+from pyrosc.evaluate import bind_data
 from pyrosc.guides import vae_guide
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
@@ -93,10 +94,10 @@ def test_kl_warmup_scales_latent_sites_in_model_and_guide(toy_adata):
     decoder, encoder = CountDecoder(3, data.n_genes, 8), GaussianEncoder(data.n_genes, 3, 8)
     model = partial(vae_model, decoder=decoder)
     guide = partial(vae_guide, encoder=encoder)
-    batch = data.minibatch(np.arange(10))
-    kwargs = {"counts": batch["counts"], "library": batch["library"]}
-    guide_trace = poutine.trace(ScaleLatents(0.25)(guide)).get_trace(**kwargs)
-    model_trace = poutine.trace(poutine.replay(ScaleLatents(0.25)(model), guide_trace)).get_trace(
+    kwargs = data.minibatch(np.arange(10))
+    scale = ScaleLatents(0.25, {"z"})
+    guide_trace = poutine.trace(scale(bind_data(guide))).get_trace(**kwargs)
+    model_trace = poutine.trace(poutine.replay(scale(bind_data(model)), guide_trace)).get_trace(
         **kwargs
     )
     assert guide_trace.nodes["z"]["scale"] == 0.25
@@ -115,10 +116,9 @@ def _loss_pair(toy_adata):
     encoder = GaussianEncoder(data.n_genes, 3, 8, dropout=0.0)
     decoder = CountDecoder(3, data.n_genes, 8)
     encoder.eval(), decoder.eval()
-    model = partial(vae_model, decoder=decoder)
-    guide = partial(vae_guide, encoder=encoder)
-    batch = data.minibatch(np.arange(32))
-    return model, guide, encoder, {"counts": batch["counts"], "library": batch["library"]}
+    model = bind_data(partial(vae_model, decoder=decoder))
+    guide = bind_data(partial(vae_guide, encoder=encoder))
+    return model, guide, encoder, data.minibatch(np.arange(32))
 
 
 def test_free_bits_zero_is_the_plain_elbo(toy_adata):

@@ -14,6 +14,7 @@ from scipy import stats
 
 from pyrosc import evaluate
 from pyrosc.data import from_anndata
+from pyrosc.evaluate import bind_data
 from pyrosc.guides import vae_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_gate
 from pyrosc.models import vae_model
@@ -34,11 +35,9 @@ def test_guide_matches_model_and_sites_are_named_as_the_math(toy_adata, likeliho
     model, guide, _ = make_pair(data.n_genes, likelihood)
     batch = data.minibatch(np.arange(16))
     # Pyro's validation (on in conftest) checks that the guide samples the model's latents.
-    loss = Trace_ELBO().loss(model, guide, batch["counts"], batch["library"], n_cells=240)
+    loss = Trace_ELBO().loss(bind_data(model), bind_data(guide), **batch, n_cells=240)
     assert np.isfinite(loss)
-    guide_trace, model_trace = evaluate.trace_pair(
-        model, guide, {"counts": batch["counts"], "library": batch["library"]}
-    )
+    guide_trace, model_trace = evaluate.trace_pair(model, guide, batch)
     assert model_trace.nodes["z"]["value"].shape == (16, 3)
     assert model_trace.nodes["counts"]["is_observed"]
     assert model_trace.nodes["counts"]["fn"].batch_shape == (16,)
@@ -51,7 +50,7 @@ def test_minibatch_scaling_uses_the_dataset_size(toy_adata):
     data = from_anndata(toy_adata)
     model, guide, _ = make_pair(data.n_genes, "nb")
     batch = data.minibatch(np.arange(20))
-    trace = poutine.trace(model).get_trace(batch["counts"], batch["library"], n_cells=200)
+    trace = poutine.trace(bind_data(model)).get_trace(**batch, n_cells=200)
     assert trace.nodes["counts"]["scale"] == pytest.approx(10.0)
     assert trace.nodes["z"]["scale"] == pytest.approx(10.0)
 
@@ -66,9 +65,11 @@ def test_log_weights_equal_a_hand_computation_with_scipy(toy_adata, likelihood):
     x, library = batch["counts"], batch["library"]
     draws = []
 
-    def recording_guide(counts, library, n_cells=None):
+    def recording_guide(counts, cell_index, n_cells=None):
         """The VAE guide, keeping the z it draws (the inner trace passes the site on)."""
-        trace = poutine.trace(guide).get_trace(counts, library, n_cells)
+        trace = poutine.trace(guide).get_trace(
+            counts=counts, cell_index=cell_index, n_cells=n_cells
+        )
         draws.append(trace.nodes["z"]["value"])
 
     with torch.no_grad():
