@@ -82,8 +82,7 @@ class _Layout:
 
 
 def _layout(model: Callable, guide: Callable, minibatch: dict[str, Tensor]) -> _Layout:
-    kwargs = model_kwargs(guide, minibatch, None) | model_kwargs(model, minibatch, None)
-    guide_trace, model_trace = trace_pair(model, guide, kwargs)
+    guide_trace, model_trace = trace_pair(model, guide, {**minibatch, "n_cells": None})
     model_enumerates = any(
         site["type"] == "sample"
         and site["infer"].get("enumerate") == "parallel"
