@@ -6,7 +6,7 @@ and its derivatives take ~40 passes over the whole array plus a dozen small oper
 the counts beyond the count tables, each one reading and writing memory or paying PyTorch's
 per-operation overhead: on a 2-core CPU ~40 % of an scVI training step. Here the same formulas
 are written once, as functions of the elementwise inputs, and handed to ``torch.compile``,
-which fuses them into one vectorised loop that reads the mean, counts and gate logits once and
+which fuses them into one vectorised loop that reads the log mean, counts and gate logits once and
 writes the log-probability and its derivatives once.
 
 What is compiled is only arithmetic: the autograd function below forms the derivatives in the
@@ -17,7 +17,7 @@ caller (:func:`pyrosc.likelihoods._gene_terms`); counts beyond the tables take t
 form of :func:`pyrosc.likelihoods._remainder_terms` inside the loop.
 
 The fused path is taken for the training case only: float32 on the CPU, a gradient needed, a
-2-D ``(cells, genes)`` mean (and gate) with the counts' shape, and one ``theta`` per gene.
+2-D ``(cells, genes)`` log mean (and gate) with the counts' shape, and one ``theta`` per gene.
 Everything else (evaluation with many particles, float64, CUDA, broadcasting, counts that are
 not non-negative integers) runs the eager code, which the fused one is tested against. Set the
 environment variable ``PYROSC_COMPILE=0`` to turn it off; if compiling fails (no C++ compiler,
@@ -41,6 +41,9 @@ TABLE_SIZE = 32
 
 _TINY = torch.finfo(torch.float32).tiny
 
+#: Where m (t + x) falls below this, the log-probability's x log m term is formed from log m.
+TINY_PRODUCT = 1e-30
+
 
 def _invalid(value: Tensor) -> Tensor:
     """Whether any count is negative, not an integer, infinite or NaN (a 0-d bool): then the
@@ -49,7 +52,7 @@ def _invalid(value: Tensor) -> Tensor:
 
 
 def _negative_binomial(
-    mean: Tensor,
+    log_mean: Tensor,
     theta: Tensor,
     value: Tensor,
     table_e: Tensor,
@@ -58,7 +61,8 @@ def _negative_binomial(
     remainder_derivative: Tensor,
     inverse_theta: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """log NB(value | mean, theta), its derivatives in mean and theta, and :func:`_invalid`.
+    """log NB(value | exp(log_mean), theta), its derivatives in log mean and theta, and
+    :func:`_invalid`.
 
     The formulas of :func:`pyrosc.likelihoods._log_prob_and_gradients` (see the notes there):
     log p = t q + x w + E with q = log((t + x) / (t + m)) and w = log(m (t + x) / ((t + m)
@@ -71,6 +75,7 @@ def _negative_binomial(
     division and one log.
     """
     genes = value.shape[-1]
+    mean = log_mean.exp()
     rows = value.clamp(0, TABLE_SIZE - 1).long()
     index = rows * genes + torch.arange(genes, device=value.device)
     total = theta + value
@@ -95,18 +100,22 @@ def _negative_binomial(
     difference = value - mean
     q = torch.log1p(difference.abs() / (torch.minimum(value, mean) + theta)).copysign(difference)
     theta_plus_mean = theta + mean
-    smaller = torch.minimum(total * mean, theta_plus_mean * (value + 1)).clamp(min=_TINY)
+    smaller = torch.minimum(total * mean, theta_plus_mean * (value + 1))
     excess = mean + theta * (difference + 1)  # B - A
-    minus_w = torch.log1p(excess.abs() / smaller).copysign(excess)
+    minus_w = torch.log1p(excess.abs() / smaller.clamp(min=_TINY)).copysign(excess)
+    # A mean far below theta (m (t + x) < 1e-30): -w from log m, as the eager code does.
+    direct = torch.log1p(value) - torch.log1p(value * inverse_theta) - log_mean
+    minus_w = torch.where(smaller < TINY_PRODUCT, direct, minus_w)
     log_prob = e + theta * q - value * minus_w
     ratio = difference / theta_plus_mean
-    return log_prob, ratio * theta / mean, q - ratio + f, _invalid(value)
+    return log_prob, ratio * theta, q - ratio + f, _invalid(value)
 
 
 def _zero_inflated_negative_binomial(
-    mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, *gene_terms: Tensor
+    log_mean: Tensor, theta: Tensor, gate_logits: Tensor, value: Tensor, *gene_terms: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """log ZINB, its derivatives in mean, theta and the gate logits g, and :func:`_invalid`.
+    """log ZINB, its derivatives in log mean, theta and the gate logits g, and
+    :func:`_invalid`.
 
     :func:`pyrosc.likelihoods._zero_inflate` around :func:`_negative_binomial`, with two
     exponentials, one division and one log per element: with a = exp(-|g|) and b = exp(-|o|)
@@ -115,7 +124,9 @@ def _zero_inflated_negative_binomial(
     max(o, 0) - max(-g, 0) + log1p((b - a) / (1 + a)), elsewhere log p - softplus(g) =
     log p - max(g, 0) - log1p(a).
     """
-    log_prob, grad_mean, grad_theta, invalid = _negative_binomial(mean, theta, value, *gene_terms)
+    log_prob, grad_mean, grad_theta, invalid = _negative_binomial(
+        log_mean, theta, value, *gene_terms
+    )
     odds = log_prob - gate_logits
     a, b = torch.exp(-gate_logits.abs()), torch.exp(-odds.abs())
     reciprocal = ((1 + a) * (1 + b)).reciprocal()
@@ -159,12 +170,14 @@ def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | No
         return None
 
 
-def applies(mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None) -> bool:
+def applies(
+    log_mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None
+) -> bool:
     """Whether the arguments are the training case the fused kernels are for (see the module
-    notes): float32 on the CPU, a gradient needed, mean (and gate) with the counts' 2-D shape,
+    notes): float32 on the CPU, a gradient needed, log mean (and gate) with the counts' 2-D shape,
     theta one value per gene, and plain tensors (not subclasses such as the provenance-tracking
     tensors of Pyro's TraceGraph_ELBO, which must see every operation)."""
-    tensors = [mean, theta, value] + ([] if gate_logits is None else [gate_logits])
+    tensors = [log_mean, theta, value] + ([] if gate_logits is None else [gate_logits])
     return (
         enabled()
         and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
@@ -173,7 +186,7 @@ def applies(mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | No
         and not value.requires_grad
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and value.dim() == 2
-        and mean.shape == value.shape
+        and log_mean.shape == value.shape
         and (gate_logits is None or gate_logits.shape == value.shape)
         and theta.shape == value.shape[-1:]
     )
@@ -191,19 +204,19 @@ class _FusedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        mean: Tensor,
+        log_mean: Tensor,
         theta: Tensor,
         gate_logits: Tensor | None,
         value: Tensor,
         *gene_terms: Tensor,
     ) -> Tensor:
         if gate_logits is None:
-            outputs = run("nb", _negative_binomial, mean, theta, value, *gene_terms)
+            outputs = run("nb", _negative_binomial, log_mean, theta, value, *gene_terms)
         else:
             outputs = run(
                 "zinb",
                 _zero_inflated_negative_binomial,
-                mean,
+                log_mean,
                 theta,
                 gate_logits,
                 value,
@@ -225,14 +238,15 @@ class _FusedLogProb(torch.autograd.Function):
 
 
 def log_prob(
-    mean: Tensor,
+    log_mean: Tensor,
     theta: Tensor,
     value: Tensor,
     gene_terms: tuple[Tensor, ...],
     gate_logits: Tensor | None = None,
 ) -> Tensor | None:
-    """log NB(value | mean, theta), or the ZINB with ``gate_logits``, ``(cells, genes)``:
-    differentiable in mean and gate logits ``(cells, genes)`` and theta ``(genes,)``, for
+    """log NB(value | exp(log_mean), theta), or the ZINB with ``gate_logits``,
+    ``(cells, genes)``: differentiable in log mean and gate logits ``(cells, genes)`` and theta
+    ``(genes,)``, for
     arguments that :func:`applies` accepts; None where the eager code must run instead
     (compiling failed, or counts that are not non-negative integers).
 
@@ -240,6 +254,6 @@ def log_prob(
     :func:`pyrosc.likelihoods._gene_terms` makes them.
     """
     try:
-        return _FusedLogProb.apply(mean, theta, gate_logits, value, *gene_terms)
+        return _FusedLogProb.apply(log_mean, theta, gate_logits, value, *gene_terms)
     except _Fallback:
         return None

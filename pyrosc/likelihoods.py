@@ -1,7 +1,8 @@
-"""Count observation models, chosen by name and parameterised by their mean.
+"""Count observation models, chosen by name and parameterised by their mean or its log.
 
-Every model in pyrosc decodes a cell into a positive expected count ``mean`` per gene and then
-observes the counts through one of four likelihoods:
+Every model in pyrosc decodes a cell into an expected count per gene, as its log
+``log l + log_softmax(f(z))`` (:func:`expression_likelihood`: finite where a softmax proportion
+underflows to 0 in float32), and then observes the counts through one of four likelihoods:
 
 ==========  ============================================  ===========================
 name        distribution                                  extra parameters
@@ -185,6 +186,8 @@ def _stirling_remainder_derivative(z: Tensor) -> Tensor:
 # are: in pbmc3k 0.02 % are >= 32 (0.4 % on its 2000 most variable genes). The tables take
 # 2 * K * genes float64 numbers to build.
 _TABLE_SIZE = fused.TABLE_SIZE
+#: Below this, m (t + x) is formed from log m instead (see :func:`_log_prob_and_gradients`).
+_TINY_PRODUCT = fused.TINY_PRODUCT
 
 
 def _remainder_terms(
@@ -336,18 +339,23 @@ def _log_gamma_terms(
 
 
 def _log_prob_and_gradients(
-    mean: Tensor,
+    log_mean: Tensor,
     theta: Tensor,
     value: Tensor,
     counts_checked: bool,
     mean_grad: bool = False,
     theta_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """NB log-probability and its elementwise derivatives in mean and theta (None unless asked).
+    """NB log-probability and its elementwise derivatives in log mean and theta (None unless
+    asked).
 
     All three on the broadcast shape of the arguments; each argument broadcasts as given, so
     theta-only work is done once per gene and count-only work once per count.
     ``counts_checked``: value is known to hold non-negative integers (it was validated).
+
+    The mean enters as its log: a mean that underflows to 0 in float32 (a softmax proportion
+    below ~1e-38) still has a finite log-probability and a finite derivative, the derivative
+    in log m, t (x - m) / (t + m), where that in m, t (x - m) / (m (t + m)), is 0 / 0.
     """
     log_gamma_terms, log_gamma_derivative = _log_gamma_terms(
         theta, value, theta_grad, counts_checked
@@ -357,8 +365,9 @@ def _log_prob_and_gradients(
     # arithmetic done on it; so the work below is done in place, and buffers that are done
     # with are reused (each reuse is marked). With the mean and the counts expanded to the
     # full shape (views), every result has the full shape and can be written into.
-    shape = _broadcast_shapes(mean.shape, theta.shape, value.shape)
-    mean, value = mean.expand(shape), value.expand(shape)
+    shape = _broadcast_shapes(log_mean.shape, theta.shape, value.shape)
+    log_mean, value = log_mean.expand(shape), value.expand(shape)
+    mean = log_mean.exp()
     theta_plus_mean = theta + mean
     difference = value - mean
     # q = log((t + x) / (t + m)) = sign(x - m) log1p(|x - m| / (t + min(x, m))).
@@ -369,10 +378,16 @@ def _log_prob_and_gradients(
     # x = 0 even if m t underflows.
     b = torch.addcmul(theta_plus_mean, theta_plus_mean, value, out=denominator)  # reuse
     smaller = (theta + value).mul_(mean)
-    torch.minimum(smaller, b, out=smaller).clamp_(min=torch.finfo(smaller.dtype).tiny)
+    torch.minimum(smaller, b, out=smaller)
+    # Where A = m (t + x) is below ~1e-30 (m far below t), -w = -log m - log1p(x / t) +
+    # log1p(x), from log m itself: the ratio form would divide by a floored A.
+    underflow = smaller < _TINY_PRODUCT
+    smaller.clamp_(min=torch.finfo(smaller.dtype).tiny)
     excess = torch.add(difference, 1, out=b)  # reuse
     torch.addcmul(mean, excess, theta, out=excess)  # B - A
     minus_w = torch.div(excess, smaller, out=smaller).abs_().log1p_().copysign_(excess)  # reuse
+    direct = torch.log1p(value).sub_(torch.log1p(value / theta)).sub_(log_mean)
+    minus_w = torch.where(underflow, direct, minus_w)
     # log p = t q + x w + E; E is a fresh tensor of ours, written into when it has the shape.
     if log_gamma_terms.shape == shape:
         log_prob = log_gamma_terms.addcmul_(theta, q)
@@ -383,28 +398,32 @@ def _log_prob_and_gradients(
     if mean_grad or theta_grad:
         ratio = difference.div_(theta_plus_mean)  # (x - m) / (t + m); reuse
     if mean_grad:
-        # t (x - m) / (m (t + m)) = x / m - (t + x) / (t + m), without the cancellation.
-        grad_mean = torch.mul(ratio, theta, out=minus_w).div_(mean)  # reuse
+        # In log m: t (x - m) / (t + m) = t x / (t + m) - t m / (t + m), finite for any m.
+        grad_mean = torch.mul(ratio, theta)
     if theta_grad:
         grad_theta = q.sub_(ratio).add_(log_gamma_derivative)  # reuse
     return log_prob, grad_mean, grad_theta
 
 
 class _NegativeBinomialLogProb(torch.autograd.Function):
-    """log p(value | mean, theta) with hand-written gradients (see the notes above).
+    """log p(value | log mean, theta) with hand-written gradients (see the notes above).
 
     Forward saves the two elementwise derivatives; backward only multiplies them by the
-    incoming gradient and sums them to the shapes of mean and theta. Not twice differentiable.
+    incoming gradient and sums them to the shapes of log mean and theta. Not twice
+    differentiable.
     """
 
     @staticmethod
-    def forward(ctx, mean: Tensor, theta: Tensor, value: Tensor, counts_checked: bool) -> Tensor:
+    def forward(
+        ctx, log_mean: Tensor, theta: Tensor, value: Tensor, counts_checked: bool
+    ) -> Tensor:
         mean_grad, theta_grad, value_grad, _ = ctx.needs_input_grad
         log_prob, grad_mean, grad_theta = _log_prob_and_gradients(
-            mean, theta, value, counts_checked, mean_grad, theta_grad
+            log_mean, theta, value, counts_checked, mean_grad, theta_grad
         )
-        ctx.save_for_backward(grad_mean, grad_theta, *((mean, theta, value) if value_grad else ()))
-        ctx.shapes = mean.shape, theta.shape, value.shape
+        saved = (log_mean, theta, value) if value_grad else ()
+        ctx.save_for_backward(grad_mean, grad_theta, *saved)
+        ctx.shapes = log_mean.shape, theta.shape, value.shape
         return log_prob
 
     @staticmethod
@@ -420,9 +439,10 @@ class _NegativeBinomialLogProb(torch.autograd.Function):
         if inputs:
             # Counts are data; this is only so that a value that requires grad gets a correct
             # gradient, computed plainly: log(m / (t + m)) + digamma(t + x) - digamma(x + 1).
-            mean, theta, value = inputs
+            log_mean, theta, value = inputs
             derivative = (
-                torch.log(mean / (theta + mean))
+                log_mean
+                - torch.logaddexp(theta.log(), log_mean)
                 + torch.digamma(theta + value)
                 - torch.digamma(value + 1)
             )
@@ -460,25 +480,25 @@ def _gene_terms(theta: Tensor) -> tuple[Tensor, ...]:
 
 
 def _fused_log_prob(
-    mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None
+    log_mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None
 ) -> Tensor | None:
     """The NB (or, with ``gate_logits``, ZINB) log-probability from :mod:`pyrosc.fused` in the
     training case it applies to; None where the eager code must run."""
-    if not fused.applies(mean, theta, value, gate_logits):
+    if not fused.applies(log_mean, theta, value, gate_logits):
         return None
     gene_terms = fused.run("gene terms", _gene_terms, theta.detach())
     if gene_terms is None:
         return None
-    return fused.log_prob(mean, theta, value, gene_terms, gate_logits)
+    return fused.log_prob(log_mean, theta, value, gene_terms, gate_logits)
 
 
 def _negative_binomial_log_prob(
-    mean: Tensor, inverse_dispersion: Tensor, value: Tensor, counts_checked: bool = False
+    log_mean: Tensor, inverse_dispersion: Tensor, value: Tensor, counts_checked: bool = False
 ) -> Tensor:
-    """log NB(value | mean, inverse_dispersion), elementwise on the broadcast shape.
+    """log NB(value | exp(log_mean), inverse_dispersion), elementwise on the broadcast shape.
 
     Args:
-        mean: mu > 0, any shape broadcastable with the others.
+        log_mean: log mu, any shape broadcastable with the others.
         inverse_dispersion: theta > 0; fastest as one value per gene, ``(genes,)``.
         value: counts x >= 0; need not be integers.
         counts_checked: whether value is known to hold non-negative integers (validated).
@@ -486,27 +506,30 @@ def _negative_binomial_log_prob(
     Differentiable in all three (in value only for completeness: it is computed plainly).
     """
     dtype = torch.promote_types(
-        torch.promote_types(mean.dtype, inverse_dispersion.dtype), value.dtype
+        torch.promote_types(log_mean.dtype, inverse_dispersion.dtype), value.dtype
     )
-    mean, inverse_dispersion, value = (
-        tensor.to(dtype) for tensor in (mean, inverse_dispersion, value)
+    log_mean, inverse_dispersion, value = (
+        tensor.to(dtype) for tensor in (log_mean, inverse_dispersion, value)
     )
-    log_prob = _fused_log_prob(mean, inverse_dispersion, value)
+    log_prob = _fused_log_prob(log_mean, inverse_dispersion, value)
     if log_prob is not None:
         return log_prob
     if torch.is_grad_enabled() and any(
-        tensor.requires_grad for tensor in (mean, inverse_dispersion, value)
+        tensor.requires_grad for tensor in (log_mean, inverse_dispersion, value)
     ):
-        return _NegativeBinomialLogProb.apply(mean, inverse_dispersion, value, counts_checked)
-    return _log_prob_and_gradients(mean, inverse_dispersion, value, counts_checked)[0]
+        return _NegativeBinomialLogProb.apply(log_mean, inverse_dispersion, value, counts_checked)
+    return _log_prob_and_gradients(log_mean, inverse_dispersion, value, counts_checked)[0]
 
 
 class NegativeBinomial(TorchDistribution):
-    """Negative binomial with mean ``mean`` (mu) and inverse dispersion ``inverse_dispersion``.
+    """Negative binomial with mean mu and inverse dispersion ``inverse_dispersion`` (theta).
 
     Variance mu + mu^2 / theta; theta -> inf gives the Poisson. The same distribution as Pyro's
     NegativeBinomial(total_count=theta, logits=log(mu / theta)), but:
 
+    * parameterised by ``log_mean`` (or ``mean``, whose log is taken): the models decode a
+      log mean, ``log l + log_softmax(f(z))``, which stays finite where a softmax proportion
+      underflows to 0 in float32, and so do the log-probability and its gradient;
     * its log-probability is accurate in float32 for any theta (Pyro's is off by 0.8 nats at
       theta = 1e6 and a count of 1), and fast, with hand-written gradients (see
       :func:`_negative_binomial_log_prob`);
@@ -515,20 +538,44 @@ class NegativeBinomial(TorchDistribution):
       gene. ``batch_shape`` is the broadcast shape, and :meth:`expand` only changes it.
 
     Args:
-        mean: ``(..., genes)``, mu > 0.
-        inverse_dispersion: theta > 0, broadcastable to ``mean``; typically ``(genes,)``.
+        mean: ``(..., genes)``, mu > 0; or
+        log_mean: ``(..., genes)``, log mu (exactly one of the two).
+        inverse_dispersion: theta > 0, broadcastable to the mean; typically ``(genes,)``.
     """
 
-    arg_constraints = {"mean": constraints.positive, "inverse_dispersion": constraints.positive}
+    arg_constraints = {"log_mean": constraints.real, "inverse_dispersion": constraints.positive}
     support = _NonnegativeIntegers(0)
 
     def __init__(
-        self, mean: Tensor, inverse_dispersion: Tensor, validate_args: bool | None = None
+        self,
+        mean: Tensor | None = None,
+        inverse_dispersion: Tensor | None = None,
+        validate_args: bool | None = None,
+        *,
+        log_mean: Tensor | None = None,
     ) -> None:
-        self._mean = mean
+        if (mean is None) == (log_mean is None):
+            raise ValueError("NegativeBinomial takes exactly one of mean and log_mean")
+        if inverse_dispersion is None:
+            raise ValueError("NegativeBinomial needs an inverse_dispersion")
+        self._log_mean = log_mean if log_mean is not None else mean.log()
         self.inverse_dispersion = inverse_dispersion  # as given (not broadcast)
-        batch_shape = _broadcast_shapes(mean.shape, inverse_dispersion.shape)
+        batch_shape = _broadcast_shapes(self._log_mean.shape, inverse_dispersion.shape)
         super().__init__(batch_shape, validate_args=validate_args)
+        if mean is not None and self._validate_args and not bool((mean > 0).all()):
+            raise ValueError(
+                "Expected parameter mean of NegativeBinomial to be positive; a mean that may "
+                "underflow to 0 is better passed as log_mean."
+            )
+
+    @property
+    def log_mean(self) -> Tensor:
+        """log mu, broadcast to ``batch_shape``."""
+        return self._log_mean.expand(self.batch_shape)
+
+    @property
+    def _mean(self) -> Tensor:
+        return self._log_mean.exp()
 
     @property
     def mean(self) -> Tensor:
@@ -538,7 +585,8 @@ class NegativeBinomial(TorchDistribution):
     @property
     def variance(self) -> Tensor:
         """mu + mu^2 / theta, broadcast to ``batch_shape``."""
-        return (self._mean + self._mean**2 / self.inverse_dispersion).expand(self.batch_shape)
+        mean = self._mean
+        return (mean + mean**2 / self.inverse_dispersion).expand(self.batch_shape)
 
     def expand(self, batch_shape, _instance=None) -> NegativeBinomial:
         """The same distribution with a larger ``batch_shape``; the parameters are not copied."""
@@ -546,7 +594,7 @@ class NegativeBinomial(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         if _broadcast_shapes(batch_shape, self.batch_shape) != batch_shape:
             raise ValueError(f"Cannot expand batch shape {self.batch_shape} to {batch_shape}.")
-        new._mean = self._mean
+        new._log_mean = self._log_mean
         new.inverse_dispersion = self.inverse_dispersion
         super(NegativeBinomial, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -556,18 +604,61 @@ class NegativeBinomial(TorchDistribution):
         """Gamma-Poisson draws: lambda ~ Gamma(theta, rate theta / mu), x ~ Poisson(lambda)."""
         theta = self.inverse_dispersion
         with torch.no_grad():
-            gamma = dist.Gamma(theta, theta / self._mean).expand(self.batch_shape)
-            return torch.poisson(gamma.sample(sample_shape))
+            rate = theta * torch.exp(-self._log_mean)
+            gamma = dist.Gamma(theta, rate.clamp(max=torch.finfo(rate.dtype).max))
+            return torch.poisson(gamma.expand(self.batch_shape).sample(sample_shape))
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Log-probability of counts ``value``, on the broadcast shape of value and batch_shape."""
         if self._validate_args:
             self._validate_sample(value)
         log_prob = _negative_binomial_log_prob(
-            self._mean, self.inverse_dispersion, value, counts_checked=bool(self._validate_args)
+            self._log_mean, self.inverse_dispersion, value, counts_checked=bool(self._validate_args)
         )
         shape = _broadcast_shapes(self.batch_shape, value.shape)
         return log_prob if log_prob.shape == shape else log_prob.expand(shape)
+
+
+class Poisson(TorchDistribution):
+    """Poisson with log rate ``log_rate``: ``log p(x) = x log r - r - log x!``, finite (with a
+    finite gradient) where the rate itself underflows to 0.
+
+    Args:
+        log_rate: ``(..., genes)``, log r.
+    """
+
+    arg_constraints = {"log_rate": constraints.real}
+    support = _NonnegativeIntegers(0)
+
+    def __init__(self, log_rate: Tensor, validate_args: bool | None = None) -> None:
+        self.log_rate = log_rate
+        super().__init__(log_rate.shape, validate_args=validate_args)
+
+    @property
+    def mean(self) -> Tensor:
+        """The rate r."""
+        return self.log_rate.exp()
+
+    @property
+    def variance(self) -> Tensor:
+        """The rate r."""
+        return self.log_rate.exp()
+
+    def expand(self, batch_shape, _instance=None) -> Poisson:
+        new = self._get_checked_instance(Poisson, _instance)
+        new.log_rate = self.log_rate.expand(batch_shape)
+        super(Poisson, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        with torch.no_grad():
+            return torch.poisson(self.log_rate.exp().expand(self._extended_shape(sample_shape)))
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return value * self.log_rate - self.log_rate.exp() - torch.lgamma(value + 1)
 
 
 def _zero_inflate(
@@ -635,11 +726,11 @@ class _ZeroInflatedNegativeBinomial(dist.ZeroInflatedDistribution):
         if self._validate_args:
             self._validate_sample(value)
         base = self.base_dist
-        result = _fused_log_prob(base._mean, base.inverse_dispersion, value, self.gate_logits)
+        result = _fused_log_prob(base._log_mean, base.inverse_dispersion, value, self.gate_logits)
         if result is not None:
             return result
         log_prob = _negative_binomial_log_prob(
-            base._mean, base.inverse_dispersion, value, counts_checked=bool(self._validate_args)
+            base._log_mean, base.inverse_dispersion, value, counts_checked=bool(self._validate_args)
         )
         dtype = torch.promote_types(log_prob.dtype, self.gate_logits.dtype)
         log_prob, gate_logits = log_prob.to(dtype), self.gate_logits.to(dtype)
@@ -655,21 +746,26 @@ class _ZeroInflatedNegativeBinomial(dist.ZeroInflatedDistribution):
 
 def count_distribution(
     likelihood: str,
-    mean: Tensor,
+    mean: Tensor | None = None,
     inverse_dispersion: Tensor | None = None,
     gate_logits: Tensor | None = None,
+    *,
+    log_mean: Tensor | None = None,
 ) -> dist.Distribution:
-    """Observation model for counts by name, parameterised by its mean.
+    """Observation model for counts by name, parameterised by its mean (or its log).
 
     Args:
         likelihood: one of :data:`LIKELIHOODS`.
         mean: ``(..., genes)``, expected counts mu of the (non-inflated) count model; strictly
-            positive: an exact zero gives a NaN NB log-probability.
-        inverse_dispersion: theta, positive, broadcastable to ``mean``; for "nb" and "zinb"
+            positive. Or:
+        log_mean: ``(..., genes)``, log mu (exactly one of the two). The models pass this: a
+            log mean stays finite where mu underflows to 0 in float32, and so do the
+            log-probability and its gradient.
+        inverse_dispersion: theta, positive, broadcastable to the mean; for "nb" and "zinb"
             only. The NB variance is mu + mu^2 / theta (theta -> inf gives the Poisson). Fastest
             as one value per gene, ``(genes,)``.
         gate_logits: logit of pi, the probability of an extra (structural) zero,
-            broadcastable to ``mean``; for "zip" and "zinb" only.
+            broadcastable to the mean; for "zip" and "zinb" only.
 
     Returns:
         A distribution over non-negative integers with ``batch_shape`` the broadcast shape of
@@ -677,19 +773,25 @@ def count_distribution(
         Extra leading dimensions (e.g. from Pyro's enumeration) broadcast through.
 
     Raises:
-        ValueError: for an unknown name, a missing parameter the likelihood needs, or a
-            parameter given that it does not use.
+        ValueError: for an unknown name, a missing parameter the likelihood needs, a parameter
+            given that it does not use, or not exactly one of mean and log_mean.
     """
     _check_arguments(
         likelihood, {"inverse_dispersion": inverse_dispersion, "gate_logits": gate_logits}
     )
+    if (mean is None) == (log_mean is None):
+        raise ValueError("count_distribution takes exactly one of mean and log_mean")
 
-    if likelihood == "poisson":
-        return dist.Poisson(rate=mean)
-    if likelihood == "zip":
-        return dist.ZeroInflatedPoisson(rate=mean, gate_logits=gate_logits)
+    if likelihood in ("poisson", "zip"):
+        if log_mean is None:
+            poisson = dist.Poisson(rate=mean)
+        else:
+            poisson = Poisson(log_mean)
+        if likelihood == "poisson":
+            return poisson
+        return dist.ZeroInflatedDistribution(poisson, gate_logits=gate_logits)
 
-    negative_binomial = NegativeBinomial(mean, inverse_dispersion)
+    negative_binomial = NegativeBinomial(mean, inverse_dispersion, log_mean=log_mean)
     if likelihood == "nb":
         return negative_binomial
     return _ZeroInflatedNegativeBinomial(negative_binomial, gate_logits=gate_logits)
@@ -715,21 +817,29 @@ def gene_inverse_dispersion(counts: Tensor, likelihood: str) -> Tensor | None:
 def expression_likelihood(
     likelihood: str,
     library: Tensor,
-    proportions: Tensor,
+    proportion_logits: Tensor,
     inverse_dispersion: Tensor | None = None,
     gate_logits: Tensor | None = None,
 ) -> dist.Distribution:
-    """``x_n ~ Likelihood(l_n rho_n, theta, pi_n)``: a cell's counts over all genes, one event.
+    """``x_n ~ Likelihood(l_n softmax(f_n), theta, pi_n)``: a cell's counts over all genes, one
+    event, from the decoder's logits ``f_n``.
+
+    The mean enters as its log, ``log l_n + log_softmax(f_n)``: a proportion far below the
+    others underflows to 0.0 in float32 as ``softmax(f_n)``, which makes the mean 0 and its
+    log-probability and gradient infinite or NaN; its log stays finite.
 
     Args:
         likelihood: one of :data:`LIKELIHOODS`.
         library: ``(..., cells)`` library sizes ``l``.
-        proportions: ``(..., cells, genes)`` expression proportions ``rho`` (rows on the simplex).
+        proportion_logits: ``(..., cells, genes)`` logits ``f`` of the expression proportions
+            ``rho = softmax(f)``.
         inverse_dispersion: ``theta``, broadcastable to ``(..., cells, genes)`` (NB, ZINB).
         gate_logits: ``(..., cells, genes)`` zero-inflation logits (ZIP, ZINB).
 
     Returns:
         a distribution with batch shape ``(..., cells)`` and event shape ``(genes,)``.
     """
-    mean = library.unsqueeze(-1) * proportions
-    return count_distribution(likelihood, mean, inverse_dispersion, gate_logits).to_event(1)
+    log_mean = library.log().unsqueeze(-1) + torch.log_softmax(proportion_logits, dim=-1)
+    return count_distribution(
+        likelihood, None, inverse_dispersion, gate_logits, log_mean=log_mean
+    ).to_event(1)
