@@ -177,7 +177,11 @@ class GaussianEncoder(nn.Module):
 
 
 class CountDecoder(nn.Module):
-    """Latent -> per-gene expression proportions on the simplex, and zero-inflation logits.
+    """Latent -> per-gene logits of the expression proportions, and zero-inflation logits.
+
+    The proportions are ``softmax(logits)``; the decoder returns the logits, so that a model
+    adds effects on the logit scale and the likelihood works from ``log_softmax`` (a proportion
+    that would underflow to 0 as a softmax keeps a finite log).
 
     Args:
         n_input: latent dimensions.
@@ -208,17 +212,16 @@ class CountDecoder(nn.Module):
     def forward(
         self, z: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """``(..., n_input)`` [and covariates, as :class:`MLP`] -> proportions
-        ``(..., n_genes)`` summing to one, and gate logits ``(..., n_genes)`` (None without a
-        gate)."""
+        """``(..., n_input)`` [and covariates, as :class:`MLP`] -> proportion logits
+        ``(..., n_genes)`` (proportions: their softmax) and gate logits ``(..., n_genes)`` (None
+        without a gate)."""
         return self.heads(self.body(z, covariates, continuous))
 
     def heads(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The output layers alone: ``(..., n_hidden)`` hidden units -> proportions and gate
-        logits, as :meth:`forward`."""
-        proportions = F.softmax(self.proportion_logits(hidden), dim=-1)
+        """The output layers alone: ``(..., n_hidden)`` hidden units -> proportion logits and
+        gate logits, as :meth:`forward`."""
         gate_logits = self.gate_logits(hidden) if self.gate_logits is not None else None
-        return proportions, gate_logits
+        return self.proportion_logits(hidden), gate_logits
 
 
 class ScviDecoder(nn.Module):
@@ -254,16 +257,16 @@ class ScviDecoder(nn.Module):
         self, z: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(..., n_input)`` [and ``(..., n_covariates)`` codes, ``(..., n_continuous)``
-        values] -> proportions, gate logits and inverse dispersion, each ``(..., n_genes)``
-        (the last two None without their head).
+        values] -> proportion logits, gate logits and inverse dispersion, each
+        ``(..., n_genes)`` (the last two None without their head).
         """
         hidden = self.expression.body(z, covariates, continuous)
-        proportions, gate_logits = self.expression.heads(hidden)
+        proportion_logits, gate_logits = self.expression.heads(hidden)
         inverse_dispersion = None
         if self.log_inverse_dispersion is not None:
             # exp, as scvi-tools: the head is linear in log theta.
             inverse_dispersion = self.log_inverse_dispersion(hidden).exp()
-        return proportions, gate_logits, inverse_dispersion
+        return proportion_logits, gate_logits, inverse_dispersion
 
 
 class Classifier(nn.Module):

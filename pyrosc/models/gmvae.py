@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import torch
 from torch import Tensor
 from torch.distributions import constraints
 
@@ -38,14 +39,16 @@ def gmvae_model(
     The mixture weights ``w`` are uniform or a learned point on the simplex; the component
     means ``mu`` and scales ``sigma`` are learned parameters.
     ``rho_n`` is recorded as the deterministic site ``proportions``, so that any utility can
-    read it from a trace of the model (:mod:`pyrosc.predictive`).
+    read it from a trace of the model (:mod:`pyrosc.predictive`). ``z`` is marked for KL
+    warm-up (``infer={"kl_warmup": True}``); the cluster ``y`` is not annealed.
 
     Args:
         counts: ``(batch, genes)`` observed counts.
         library: ``(batch,)`` total count of each cell.
         cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
-        decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportions and gates.
+        decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportion logits and
+            gate logits.
         component_locs_init: ``(K, n_latent)`` initial component means (distinct, to break
             the symmetry between components).
         likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
@@ -65,9 +68,9 @@ def gmvae_model(
         y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
         prior = dist.Normal(component_locs[y], component_scales[y]).to_event(1)
         z = pyro.sample("z", prior, infer={"kl_warmup": True})
-        proportions, gate_logits = decoder(z)
-        pyro.deterministic("proportions", proportions, event_dim=1)
+        logits, gate_logits = decoder(z)
+        pyro.deterministic("proportions", torch.softmax(logits, dim=-1), event_dim=1)
         observation = expression_likelihood(
-            likelihood, library, proportions, inverse_dispersion, gate_logits
+            likelihood, library, logits, inverse_dispersion, gate_logits
         )
         pyro.sample("counts", observation, obs=counts)

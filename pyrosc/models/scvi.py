@@ -98,7 +98,8 @@ def scvi_model(
     there is no ``library`` site. The inverse dispersion ``theta`` (NB and ZINB) is ``theta_g``
     per gene, ``theta_{g s_n}`` per gene and batch, or ``theta_ng = exp(f_r(z_n, c_n))`` from
     the decoder, per ``dispersion``. ``rho_n`` is recorded as the deterministic site
-    ``proportions``, so that any utility can read it from a trace of the model.
+    ``proportions``, so that any utility can read it from a trace of the model. ``z`` is marked
+    for KL warm-up (``infer={"kl_warmup": True}``); the library is not annealed, as in scVI.
 
     Args:
         counts: ``(cells, genes)`` observed counts of the minibatch's cells.
@@ -111,7 +112,7 @@ def scvi_model(
         cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
         decoder: the networks ``f``: ``(..., n_latent)`` and covariates -> ``(..., genes)``
-            proportions, gate logits (ZIP, ZINB) and inverse dispersion ("gene-cell").
+            proportion logits, gate logits (ZIP, ZINB) and inverse dispersion ("gene-cell").
         library_prior: the per-batch prior of a latent library; None for an observed library.
         likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
         dispersion: ``"gene"``, ``"gene-batch"`` or ``"gene-cell"`` (NB and ZINB; None or
@@ -129,14 +130,12 @@ def scvi_model(
         if library_prior is not None:
             mu, sigma = library_prior.loc[batch], library_prior.scale[batch]
             library = pyro.sample("library", dist.LogNormal(mu, sigma))
-        proportions, gate_logits, cell_inverse_dispersion = decoder(
-            z, covariates, continuous_covariates
-        )
-        pyro.deterministic("proportions", proportions, event_dim=1)
+        logits, gate_logits, cell_inverse_dispersion = decoder(z, covariates, continuous_covariates)
+        pyro.deterministic("proportions", torch.softmax(logits, dim=-1), event_dim=1)
         if dispersion == "gene-cell":
             inverse_dispersion = cell_inverse_dispersion
         observation = expression_likelihood(
-            likelihood, library, proportions, inverse_dispersion, gate_logits
+            likelihood, library, logits, inverse_dispersion, gate_logits
         )
         pyro.sample("counts", observation, obs=counts)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import torch
 from torch import Tensor
 
 from pyrosc.likelihoods import expression_likelihood, gene_inverse_dispersion
@@ -29,14 +30,16 @@ def vae_model(
     with ``l_n`` the cell's observed total count, ``theta_g`` a gene-wise inverse dispersion
     (NB and ZINB) and ``pi_ng`` zero-inflation gate logits from the decoder (ZIP and ZINB).
     ``rho_n`` is recorded as the deterministic site ``proportions``, so that any utility can
-    read it from a trace of the model (:mod:`pyrosc.predictive`).
+    read it from a trace of the model (:mod:`pyrosc.predictive`). ``z`` is marked for KL
+    warm-up (``infer={"kl_warmup": True}``).
 
     Args:
         counts: ``(batch, genes)`` observed counts.
         library: ``(batch,)`` total count of each cell.
         cell_index: ``(batch,)`` positions of the cells in the dataset (the plate's indices).
         n_cells: size of the dataset the minibatch comes from (for minibatch scaling).
-        decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportions and gates.
+        decoder: the network ``f``: ``(..., n_latent) -> (..., genes)`` proportion logits and
+            gate logits.
         likelihood: ``"poisson"``, ``"nb"``, ``"zip"`` or ``"zinb"``.
     """
     pyro.module("decoder", decoder)
@@ -45,9 +48,9 @@ def vae_model(
     with cells_plate(cell_index, n_cells):
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
         z = pyro.sample("z", prior.to_event(1), infer={"kl_warmup": True})
-        proportions, gate_logits = decoder(z)
-        pyro.deterministic("proportions", proportions, event_dim=1)
+        logits, gate_logits = decoder(z)
+        pyro.deterministic("proportions", torch.softmax(logits, dim=-1), event_dim=1)
         observation = expression_likelihood(
-            likelihood, library, proportions, inverse_dispersion, gate_logits
+            likelihood, library, logits, inverse_dispersion, gate_logits
         )
         pyro.sample("counts", observation, obs=counts)
