@@ -91,7 +91,7 @@ def test_enumerated_elbo_equals_the_sum_over_clusters_by_hand(tiny_batch, guide_
         xs, lib = x.double().numpy(), library.double().numpy()[:, None]
 
         def log_px_given(z_values):
-            proportions, _ = networks["decoder"](z_values.float())
+            proportions = networks["decoder"](z_values.float())[0].softmax(-1)
             return nb_logpmf(xs, lib * proportions.double().numpy(), theta).sum(-1)
 
         def log_prior_z_given_y(z_values):  # (K, cells); z_values (cells, L) or (K, cells, L)

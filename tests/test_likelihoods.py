@@ -10,6 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from scipy import special, stats
 
@@ -17,6 +18,7 @@ from pyrosc.likelihoods import (
     LIKELIHOODS,
     NegativeBinomial,
     count_distribution,
+    expression_likelihood,
     uses_dispersion,
     uses_gate,
 )
@@ -423,3 +425,59 @@ def test_zinb_equals_pyros_zero_inflation_of_the_nb(dtype: torch.dtype) -> None:
         tolerance = {"rtol": 1e-5, "atol": 1e-5}
     for ours_, pyros_ in zip(ours, pyros, strict=True):
         torch.testing.assert_close(ours_, pyros_, **tolerance)
+
+
+def _log_mean_truth(likelihood, value, log_mean, theta, gate):
+    """Per-cell log-likelihood from the log mean, plainly, in float64."""
+    if theta is None:
+        log_p = value * log_mean - log_mean.exp() - torch.lgamma(value + 1)
+    else:
+        log_theta = theta.log()
+        log_sum = torch.logaddexp(log_theta, log_mean)  # log(theta + mu)
+        log_p = (
+            torch.lgamma(value + theta)
+            - torch.lgamma(theta)
+            - torch.lgamma(value + 1)
+            + theta * (log_theta - log_sum)
+            + value * (log_mean - log_sum)
+        )
+    if likelihood in ("zip", "zinb"):
+        at_zero = torch.logaddexp(gate, log_p) - F.softplus(gate)
+        log_p = torch.where(value == 0, at_zero, log_p - F.softplus(gate))
+    return log_p.sum(-1)
+
+
+@pytest.mark.parametrize("path", ["fused", "eager"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_proportions_that_underflow_keep_a_finite_likelihood_and_gradient(
+    likelihood, path, monkeypatch
+):
+    # Logits 150 and 300 below the others: their softmax is exactly 0.0 in float32, the mean
+    # l * rho would be 0, and its log-probability -inf (count > 0) or its gradient NaN.
+    if path == "eager":
+        monkeypatch.setenv("PYROSC_COMPILE", "0")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 50, generator=generator)
+    logits[:, :10] -= 150.0
+    logits[:, 10:20] -= 300.0
+    assert (torch.softmax(logits, -1) == 0).any()
+    counts = torch.poisson(torch.full((8, 50), 0.8), generator=generator)
+    counts[:, 0], counts[:, 15], counts[:, 30] = 1.0, 2.0, 40.0
+    library = counts.sum(-1)
+    logits.requires_grad_()
+    theta = torch.logspace(-1, 2, 50).requires_grad_() if uses_dispersion(likelihood) else None
+    gate = torch.randn(8, 50, generator=generator) if uses_gate(likelihood) else None
+    if gate is not None:
+        gate.requires_grad_()
+    observation = expression_likelihood(likelihood, library, logits, theta, gate)
+    log_prob = observation.log_prob(counts)
+    log_prob.sum().backward()
+    tensors = [t for t in (logits, theta, gate) if t is not None]
+    assert torch.isfinite(log_prob).all()
+    assert all(torch.isfinite(t.grad).all() for t in tensors)
+
+    log_mean = library.double().log().unsqueeze(-1) + logits.detach().double().log_softmax(-1)
+    theta64 = None if theta is None else theta.detach().double()
+    gate64 = None if gate is None else gate.detach().double()
+    truth = _log_mean_truth(likelihood, counts.double(), log_mean, theta64, gate64)
+    torch.testing.assert_close(log_prob.double(), truth, rtol=1e-5, atol=1e-3)
