@@ -34,19 +34,6 @@ from pyrosc.data import CountData
 _CHUNK_FLOATS = 2**26
 
 
-#: The data arguments of the model/guide contract, as :meth:`CountData.minibatch` names them
-#: (plus ``n_cells``, the number of cells a minibatch stands for).
-DATA_ARGUMENTS = (
-    "counts",
-    "library",
-    "batch",
-    "covariates",
-    "continuous_covariates",
-    "cell_index",
-    "n_cells",
-)
-
-
 def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter] | None:
     """``fn``'s parameters; None when it takes ``**kwargs`` or has no signature to read (a
     function wrapped by a Pyro handler), which then receives every entry."""
@@ -70,9 +57,9 @@ def data_kwargs(fn: Callable, data: dict) -> dict:
 def model_kwargs(fn: Callable, minibatch: dict[str, Tensor], n_cells: int | None) -> dict:
     """The keyword arguments of ``fn`` that a minibatch supplies.
 
-    A model or guide declares the data it needs by naming it in its signature, from
-    :data:`DATA_ARGUMENTS` (see :meth:`CountData.minibatch`). Functions taking ``**kwargs``
-    get all.
+    A model or guide declares the data it needs by naming it in its signature, from the
+    entries of :meth:`CountData.minibatch` and ``n_cells`` (the number of cells a minibatch
+    stands for). Functions taking ``**kwargs`` get all.
     """
     return data_kwargs(fn, {**minibatch, "n_cells": n_cells})
 
@@ -84,7 +71,7 @@ def bind_data(fn: Callable) -> Callable:
     parameters = _parameters(fn)
     if parameters is None:
         return fn
-    names = [name for name in parameters if name in DATA_ARGUMENTS]
+    names = tuple(parameters)
 
     def call(**data):
         return fn(**{name: data[name] for name in names if name in data})
@@ -204,8 +191,7 @@ def log_importance_weights(
     Returns:
         ``(n_samples, cells)`` log weights.
     """
-    log_joint, _, _ = _log_terms(model, guide, minibatch, n_samples)
-    return log_joint.reshape(-1, *log_joint.shape[-2:]).logsumexp(dim=0)
+    return _log_joint(model, guide, minibatch, n_samples).logsumexp(dim=0)
 
 
 def elbo_terms(
@@ -224,7 +210,7 @@ def elbo_terms(
     """
     log_joint, log_q, n_guide = _log_terms(model, guide, minibatch, n_samples)
     if log_q is None:
-        return log_joint.reshape(-1, *log_joint.shape[-2:]).logsumexp(dim=0)
+        return _configurations(log_joint).logsumexp(dim=0)
     # The model's enumerated dimensions lie left of the guide's: sum them out of p first.
     log_joint = log_joint.reshape((1,) * max(0, n_guide + 2 - log_joint.dim()) + log_joint.shape)
     n_model = log_joint.dim() - 2 - n_guide
@@ -312,6 +298,11 @@ def _log_joint(
     sites: ``(configurations, n_samples, cells)`` (one configuration without discrete sites).
     """
     log_joint, _, _ = _log_terms(model, guide, minibatch, n_samples, at_mean)
+    return _configurations(log_joint)
+
+
+def _configurations(log_joint: Tensor) -> Tensor:
+    """``(*enumeration, n_samples, cells)`` flattened to ``(configurations, n_samples, cells)``."""
     return log_joint.reshape(-1, *log_joint.shape[-2:])
 
 
