@@ -92,6 +92,10 @@ class PyroscModel:
         """Networks sized from ``self.data`` and the model and guide bound to them."""
         raise NotImplementedError
 
+    def _before_build(self, seed: int, batch_size: int, lr: float) -> None:
+        """What a fit computes from its training cells (``self._split[0]``) before the networks
+        are built; nothing by default (the GMVAE's warm start)."""
+
     # -- fitting ---------------------------------------------------------------------------
 
     def fit(
@@ -125,6 +129,7 @@ class PyroscModel:
         """
         self.device = resolve_device(device)
         self._split = self._draw_split(validation_fraction, seed, split)
+        self._before_build(seed, batch_size=batch_size, lr=lr)
         pyro.set_rng_seed(seed)  # the networks' initial weights depend on the seed too
         self._pair = self._build()
         model, guide, networks = self._pair
@@ -674,6 +679,7 @@ class GMVAE(PyroscModel):
             dropout=dropout,
         )
         self._warm_start: tuple[np.ndarray, dict[str, dict]] | None = None
+        self._init_epochs: int | None = None  # the next fit's warm start (None: init="random")
 
     def fit(
         self,
@@ -699,30 +705,30 @@ class GMVAE(PyroscModel):
             raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
         if init_epochs is not None and init != "kmeans":
             raise ValueError("init_epochs is the warm start's: it applies to init='kmeans' only")
-        self._warm_start = None
+        self._init_epochs = None
         if init == "kmeans":
-            split = self._draw_split(
-                fit_options.get("validation_fraction", 0.1), seed, fit_options.get("split")
-            )
-            fit_options["split"] = split
-            epochs = 50 if init_epochs is None else init_epochs
-            self._warm_start = self._vae_warm_start(epochs, seed, split[0], fit_options)
+            self._init_epochs = 50 if init_epochs is None else init_epochs
         super().fit(max_epochs=max_epochs, seed=seed, **fit_options)
         return self
 
+    def _before_build(self, seed: int, batch_size: int, lr: float) -> None:
+        self._warm_start = None
+        if self._init_epochs is not None:
+            self._warm_start = self._vae_warm_start(self._init_epochs, seed, batch_size, lr)
+
     def _vae_warm_start(
-        self, epochs: int, seed: int, train_index: np.ndarray, fit_options: dict
+        self, epochs: int, seed: int, batch_size: int, lr: float
     ) -> tuple[np.ndarray, dict[str, dict]]:
-        """Fit a VAE of the same sizes to the training cells; k-means centres of their latent
-        and the VAE's network weights."""
+        """Fit a VAE of the same sizes to the fit's training cells; k-means centres of their
+        latent and the VAE's network weights."""
         from sklearn.cluster import KMeans
 
-        c = self.config
+        c, train_index = self.config, self._split[0]
         vae = VAE(self.adata, c["likelihood"], c["layer"], None, c["n_latent"], c["n_hidden"],
                   c["n_layers"], c["dropout"])  # fmt: skip
-        options = {k: v for k, v in fit_options.items() if k in ("batch_size", "lr", "device")}
         no_validation = (train_index, np.zeros(0, dtype=np.int64))
-        vae.fit(max_epochs=epochs, seed=seed, split=no_validation, progress=False, **options)
+        vae.fit(max_epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=self.device,
+                split=no_validation, progress=False)  # fmt: skip
         # The user's adata keeps no trace of the warm start.
         latent = vae._latent(vae.data.subset(train_index))
         kmeans = KMeans(c["n_clusters"], n_init=10, random_state=seed).fit(latent)
