@@ -14,8 +14,9 @@ zinb        pi * delta_0 + (1 - pi) * NB(mu, theta)       both
 ==========  ============================================  ===========================
 
 with NB mean mu and variance mu + mu^2 / theta, and pi the probability of an extra
-(structural) zero. The Poisson models are Pyro's own. The negative binomial is
-:class:`NegativeBinomial`, parameterised by (mu, theta) directly, whose log-probability stays
+(structural) zero. From a log mean the Poisson is :class:`PoissonLogRate` (from a mean, Pyro's
+own), the ZIP Pyro's ZeroInflatedDistribution around it. The negative binomial is
+:class:`NegativeBinomial`, parameterised by (log mu, theta) directly, whose log-probability stays
 accurate in float32 for large theta and is fast (it is the largest cost of a training step):
 see the notes before :data:`_TABLE_SIZE`. The ZINB is Pyro's ZeroInflatedDistribution around
 it, with the mixture's log-probability fused (:class:`_ZeroInflatedNegativeBinomial`).
@@ -619,7 +620,7 @@ class NegativeBinomial(TorchDistribution):
         return log_prob if log_prob.shape == shape else log_prob.expand(shape)
 
 
-class Poisson(TorchDistribution):
+class PoissonLogRate(TorchDistribution):
     """Poisson with log rate ``log_rate``: ``log p(x) = x log r - r - log x!``, finite (with a
     finite gradient) where the rate itself underflows to 0.
 
@@ -644,10 +645,10 @@ class Poisson(TorchDistribution):
         """The rate r."""
         return self.log_rate.exp()
 
-    def expand(self, batch_shape, _instance=None) -> Poisson:
-        new = self._get_checked_instance(Poisson, _instance)
+    def expand(self, batch_shape, _instance=None) -> PoissonLogRate:
+        new = self._get_checked_instance(PoissonLogRate, _instance)
         new.log_rate = self.log_rate.expand(batch_shape)
-        super(Poisson, new).__init__(torch.Size(batch_shape), validate_args=False)
+        super(PoissonLogRate, new).__init__(torch.Size(batch_shape), validate_args=False)
         new._validate_args = self._validate_args
         return new
 
@@ -786,7 +787,7 @@ def count_distribution(
         if log_mean is None:
             poisson = dist.Poisson(rate=mean)
         else:
-            poisson = Poisson(log_mean)
+            poisson = PoissonLogRate(log_mean)
         if likelihood == "poisson":
             return poisson
         return dist.ZeroInflatedDistribution(poisson, gate_logits=gate_logits)
