@@ -387,8 +387,9 @@ def _log_prob_and_gradients(
     excess = torch.add(difference, 1, out=b)  # reuse
     torch.addcmul(mean, excess, theta, out=excess)  # B - A
     minus_w = torch.div(excess, smaller, out=smaller).abs_().log1p_().copysign_(excess)  # reuse
-    direct = torch.log1p(value).sub_(torch.log1p(value / theta)).sub_(log_mean)
-    minus_w = torch.where(underflow, direct, minus_w)
+    if bool(underflow.any()):  # rare: spare the other evaluations three passes
+        direct = torch.log1p(value).sub_(torch.log1p(value / theta)).sub_(log_mean)
+        minus_w = torch.where(underflow, direct, minus_w)
     # log p = t q + x w + E; E is a fresh tensor of ours, written into when it has the shape.
     if log_gamma_terms.shape == shape:
         log_prob = log_gamma_terms.addcmul_(theta, q)
