@@ -209,6 +209,7 @@ def cell_chunks(
 
 
 def check_n_samples(n_samples: int) -> None:
+    """Raise unless ``n_samples`` (draws per cell) is a whole number of at least 1."""
     if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer of at least 1, got {n_samples!r}")
 
