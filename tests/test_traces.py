@@ -37,7 +37,7 @@ def guide(counts, cell_index, n_cells=None):
 
 
 def minibatch() -> dict[str, torch.Tensor]:
-    data = from_anndata(simulate_counts(n_cells=6, n_genes=4))
+    data = from_anndata(simulate_counts(n_cells=40, n_genes=4))
     return data.minibatch(np.arange(6))
 
 
