@@ -2,10 +2,10 @@
 
 Analysts use the classes (``pyrosc.VAE``, ``pyrosc.GMVAE``, ``pyrosc.SCVI``); statisticians use
 the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.guides`, :func:`pyrosc.train.train`,
-:mod:`pyrosc.evaluate`, :mod:`pyrosc.predictive`).
+:mod:`pyrosc.evaluate`, :mod:`pyrosc.predictive`, :mod:`pyrosc.predictive_checks`).
 """
 
-from pyrosc import datasets, predictive
+from pyrosc import datasets, evaluate, predictive, predictive_checks
 from pyrosc.api import GMVAE, SCVI, VAE
 from pyrosc.data import from_anndata, select_genes
 from pyrosc.predictive import simulate
@@ -16,8 +16,10 @@ __all__ = [
     "SCVI",
     "VAE",
     "datasets",
+    "evaluate",
     "from_anndata",
     "predictive",
+    "predictive_checks",
     "select_genes",
     "simulate",
     "train",

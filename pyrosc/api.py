@@ -24,7 +24,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrosc import evaluate, predictive
+from pyrosc import evaluate, predictive, predictive_checks, traces
 from pyrosc.data import CountData, from_anndata, split_cells
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide, scvi_guide, vae_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
@@ -224,7 +224,7 @@ class PyroscModel:
     def _latent(self, data: CountData, batch_size: int = 1024) -> np.ndarray:
         """:meth:`latent` of validated counts, written nowhere: ``(cells, n_latent)``."""
         chunks = []
-        with self._scope() as (_, guide, networks), evaluate.eval_mode(networks):
+        with self._scope() as (_, guide, networks), traces.eval_mode(networks):
             for start in range(0, data.n_cells, batch_size):
                 index = np.arange(start, min(start + batch_size, data.n_cells))
                 minibatch = data.minibatch(index, self.device)
@@ -373,18 +373,19 @@ class PyroscModel:
 
     def predictive_check(
         self, adata: ad.AnnData | None = None, n_samples: int = 100, seed: int = 0
-    ) -> predictive.PredictiveCheck:
+    ) -> predictive_checks.PredictiveCheck:
         """Posterior predictive checks: each gene's mean, variance and fraction of zeros and
         each cell's library size and coefficient of variation against their distribution over
-        ``n_samples`` replicated datasets (:func:`pyrosc.predictive.predictive_check`).
+        ``n_samples`` replicated datasets (:func:`pyrosc.predictive_checks.predictive_check`).
 
         Returns:
-            a :class:`pyrosc.predictive.PredictiveCheck`: ``.genes``, ``.cells``, ``.summary``
-            (the share of each statistic inside its replicated 95% interval) and ``.plot()``.
+            a :class:`pyrosc.predictive_checks.PredictiveCheck`: ``.genes``, ``.cells``,
+            ``.summary`` (the share of each statistic inside its replicated 95% interval) and
+            ``.plot()``.
         """
         _, data = self._data_for(adata)
         with self._scope() as (model, guide, networks):
-            return predictive.predictive_check(
+            return predictive_checks.predictive_check(
                 model, guide, data, n_samples, seed=seed, networks=networks, device=self.device
             )
 
@@ -397,7 +398,7 @@ class PyroscModel:
     ) -> pd.DataFrame:
         """How plausible the model finds each cell: the importance-sampled ``log p(x)`` of
         :meth:`log_likelihood`, to flag low-quality cells or doublets
-        (:func:`pyrosc.predictive.cell_scores`).
+        (:func:`pyrosc.evaluate.cell_scores`).
 
         Also written to ``adata.obs["pyrosc_log_likelihood"]``.
 
@@ -413,7 +414,7 @@ class PyroscModel:
         """
         adata, data = self._data_for(adata)
         with self._scope() as (model, guide, networks):
-            scores = predictive.cell_scores(
+            scores = evaluate.cell_scores(
                 model,
                 guide,
                 data,
@@ -552,7 +553,7 @@ class PyroscModel:
             # Run the pair once so each parameter is created with its constraint, then set it.
             probe = self.data.minibatch(np.arange(min(2, self.data.n_cells)), self.device)
             with poutine.block(), torch.no_grad():
-                evaluate.trace_pair(model, guide, {**probe, "n_cells": None})
+                traces.trace_pair(model, guide, {**probe, "n_cells": None})
             store = pyro.get_param_store()
             for name, value in tensors["params"].items():
                 store[name] = value

@@ -1,13 +1,16 @@
-"""Honest evaluation of any (model, guide) pair: per-cell ELBO and importance-sampled log p(x).
+"""Honest evaluation of any (model, guide) pair: per-cell ELBO, importance-sampled log p(x),
+and each cell's and gene's score.
 
-Both come from the same quantity, the per-cell log importance weight
+The ELBO and log p(x) come from the same quantity, the per-cell log importance weight
 
     log w_k = log p(x, z_k) - log q(z_k | x),      z_k ~ q(z | x),
 
-computed by tracing the guide and replaying the model against it under a vectorised
-``particles`` plate, so K samples cost one pass. The ELBO is the mean of ``log w_k``; the
-importance-sampled log-likelihood is ``logsumexp_k log w_k - log K``, a lower bound that
-tightens to log p(x) as K grows (Burda et al. 2016).
+computed from the guide traced and the model replayed against it on a vectorised
+``particles`` plate, discrete sites enumerated (:func:`pyrosc.traces.enumerated_traces`), so K
+samples cost one pass. The ELBO is the mean of ``log w_k``; the importance-sampled
+log-likelihood is ``logsumexp_k log w_k - log K``, a lower bound that tightens to log p(x) as K
+grows (Burda et al. 2016). :func:`cell_scores` reports it per cell, with each gene's
+posterior-mean log-likelihood (:func:`gene_log_likelihood`) beside it.
 
 Nothing here knows which model it was given: per-cell terms are found from the plate named
 ``cells`` that every local site lives in.
@@ -15,13 +18,11 @@ Nothing here knows which model it was given: per-cell terms are found from the p
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
-import pyro
+import pandas as pd
 import torch
 from pyro import poutine
 from pyro.distributions import Independent
@@ -29,100 +30,19 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from pyrosc.data import CountData
-
-#: Floats per evaluation chunk (particles x cells x genes); bounds memory at about 256 MB.
-_CHUNK_FLOATS = 2**26
-
-
-def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter] | None:
-    """``fn``'s parameters; None when it takes ``**kwargs`` or has no signature to read (a
-    function wrapped by a Pyro handler), which then receives every entry."""
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return parameters
-
-
-def data_kwargs(fn: Callable, data: dict) -> dict:
-    """The entries of ``data`` that ``fn`` names in its signature (all for ``**kwargs``)."""
-    parameters = _parameters(fn)
-    if parameters is None:
-        return dict(data)
-    return {name: value for name, value in data.items() if name in parameters}
-
-
-def model_kwargs(fn: Callable, minibatch: dict[str, Tensor], n_cells: int | None) -> dict:
-    """The keyword arguments of ``fn`` that a minibatch supplies.
-
-    A model or guide declares the data it needs by naming it in its signature, from the
-    entries of :meth:`CountData.minibatch` and ``n_cells`` (the number of cells a minibatch
-    stands for). Functions taking ``**kwargs`` get all.
-    """
-    return data_kwargs(fn, {**minibatch, "n_cells": n_cells})
-
-
-def bind_data(fn: Callable) -> Callable:
-    """``fn`` called with the whole data dictionary by keyword, receiving only the entries its
-    own signature names (read once, here). This is how the trainer hands one minibatch
-    dictionary to a model and a guide that take different data."""
-    parameters = _parameters(fn)
-    if parameters is None:
-        return fn
-    names = tuple(parameters)
-
-    def call(**data):
-        return fn(**{name: data[name] for name in names if name in data})
-
-    return call
-
-
-@contextmanager
-def eval_mode(networks: nn.Module | None) -> Iterator[None]:
-    """Switch ``networks`` to evaluation mode (no dropout, BatchNorm running statistics) and
-    back to the mode they were in."""
-    if networks is None:
-        yield
-        return
-    was_training = networks.training
-    networks.eval()
-    try:
-        yield
-    finally:
-        networks.train(was_training)
-
-
-def trace_pair(
-    model: Callable, guide: Callable, kwargs: dict
-) -> tuple[poutine.Trace, poutine.Trace]:
-    """Traces of the guide and of the model replayed against it, hidden from outer handlers;
-    each function receives the entries of ``kwargs`` that it names."""
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(**data_kwargs(guide, kwargs))
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            **data_kwargs(model, kwargs)
-        )
-    return guide_trace, model_trace
-
-
-def max_plate_nesting(model: Callable, guide: Callable, kwargs: dict) -> int:
-    """How many plates the pair nests at most (1 for a model with only the ``cells`` plate)."""
-    return plate_nesting(*trace_pair(model, guide, kwargs))
-
-
-def plate_nesting(*traces: poutine.Trace) -> int:
-    """How many plates the sample sites of ``traces`` nest at most."""
-    return max(
-        (
-            sum(frame.vectorized for frame in site["cond_indep_stack"])
-            for trace in traces
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-        ),
-        default=0,
-    )
+from pyrosc.posterior import PosteriorDraws
+from pyrosc.traces import (
+    CHUNK_FLOATS,
+    COUNTS,
+    cell_chunks,
+    check_n_samples,
+    enumerated_traces,
+    eval_mode,
+    model_kwargs,
+    probe,
+    seeded,
+    trace_pair,
+)
 
 
 def check_local(model: Callable, guide: Callable, kwargs: dict) -> None:
@@ -221,36 +141,6 @@ def elbo_terms(
     return terms.sum(dim=tuple(range(n_guide))) if n_guide else terms
 
 
-def _enumerated_traces(
-    model: Callable,
-    guide: Callable,
-    minibatch: dict[str, Tensor],
-    n_samples: int,
-    at_mean: bool = False,
-) -> tuple[poutine.Trace, poutine.Trace, int]:
-    """Guide and model traces under a ``particles`` plate, enumerating as TraceEnum_ELBO does:
-    the guide's enumerated sites left of the plates, the model's left of the guide's.
-
-    With ``at_mean``, continuous latents take their guide means instead of random draws.
-    Returns the traces and the number of plate dimensions (particles included).
-    """
-    model_args = model_kwargs(model, minibatch, None)
-    guide_args = model_kwargs(guide, minibatch, None)
-    rank = max_plate_nesting(model, guide, guide_args | model_args) + 1
-    guide = poutine.enum(guide, first_available_dim=-1 - rank)
-    model = poutine.enum(model)
-    with poutine.block(), pyro.plate("particles", n_samples, dim=-rank):
-        guide_trace = poutine.trace(guide).get_trace(**guide_args)
-        if at_mean:
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample" and site["fn"].has_rsample:
-                    site["value"] = site["fn"].mean
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            **model_args
-        )
-    return guide_trace, model_trace, rank
-
-
 def _is_enumerated(site: dict) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
@@ -270,7 +160,7 @@ def _log_terms(
         ``log q(y | x)`` of the sites the guide enumerates, ``(*guide enumeration, n_samples,
         cells)``, or None when it enumerates none; and how many sites the guide enumerates.
     """
-    guide_trace, model_trace, rank = _enumerated_traces(model, guide, minibatch, n_samples, at_mean)
+    guide_trace, model_trace, rank = enumerated_traces(model, guide, minibatch, n_samples, at_mean)
     n_batch = minibatch["counts"].shape[0]
     log_joint = minibatch["counts"].new_zeros(n_samples, n_batch)
     log_q, n_guide = None, 0
@@ -360,24 +250,13 @@ def discrete_posterior(
             minibatch = data.minibatch(
                 np.arange(start, min(start + batch_size, data.n_cells)), device
             )
-            guide_trace, _, _ = _enumerated_traces(model, guide, minibatch, 1, at_mean=True)
+            guide_trace, _, _ = enumerated_traces(model, guide, minibatch, 1, at_mean=True)
             if site in guide_trace.nodes:
                 probs = guide_trace.nodes[site]["fn"].probs
             else:
                 probs = _log_joint(model, guide, minibatch, 1, at_mean=True)[:, 0].softmax(dim=0).T
             chunks.append(probs.reshape(minibatch["counts"].shape[0], -1).cpu())
     return torch.cat(chunks).double().numpy()
-
-
-def cell_chunks(
-    data: CountData, n_samples: int, batch_size: int | None = None
-) -> Iterator[np.ndarray]:
-    """Consecutive ``(cells,)`` positions of ``data``'s cells, ``batch_size`` at a time, or by
-    default as many as keep an ``(n_samples, cells, genes)`` float tensor near 256 MB."""
-    if batch_size is None:
-        batch_size = max(1, _CHUNK_FLOATS // max(1, n_samples * data.n_genes))
-    for start in range(0, data.n_cells, batch_size):
-        yield np.arange(start, min(start + batch_size, data.n_cells))
 
 
 @torch.no_grad()
@@ -392,9 +271,8 @@ def _per_cell(
     batch_size: int | None,
     device: torch.device | str,
 ) -> np.ndarray:
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-    particles_per_pass = max(1, min(n_samples, _CHUNK_FLOATS // max(1, data.n_genes)))
+    check_n_samples(n_samples)
+    particles_per_pass = max(1, min(n_samples, CHUNK_FLOATS // max(1, data.n_genes)))
     results = []
     with eval_mode(networks):
         for number, index in enumerate(cell_chunks(data, particles_per_pass, batch_size)):
@@ -469,3 +347,91 @@ def elbo(
     return _per_cell(
         elbo_terms, reduce, model, guide, data, n_samples, networks, batch_size, device
     )
+
+
+# -- per-cell and per-gene scores ------------------------------------------------------------
+
+
+@torch.no_grad()
+def gene_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    data: CountData,
+    n_samples: int = 200,
+    *,
+    seed: int | None = None,
+    networks: nn.Module | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> pd.DataFrame:
+    """Each gene's share of each cell's fit: the posterior-mean log-likelihood of its count,
+    ``E_q[log p(x_ng | latents)]``, over ``n_samples`` posterior draws of the latents (as
+    :func:`pyrosc.predictive.posterior_predictive` draws them). Summed over the genes it is the
+    expected reconstruction term of the ELBO, not ``log p(x_n)``.
+
+    Args:
+        as :func:`cell_scores`; ``n_samples`` draws per cell, averaged.
+
+    Returns:
+        ``(cells, genes)`` float64 DataFrame indexed by ``data``'s obs_names, columns its genes.
+    """
+    check_n_samples(n_samples)
+    chunks = []
+    with eval_mode(networks), seeded(seed, device):
+        draws = PosteriorDraws(model, guide, probe(data, device))
+        for index in cell_chunks(data, n_samples, batch_size):
+            minibatch = data.minibatch(index, device)
+            (trace,) = draws.traces(minibatch, n_samples, sample_counts=False)
+            per_gene = per_dimension_log_prob(trace.nodes[COUNTS])  # (n_samples, cells, genes)
+            chunks.append(per_gene.double().mean(dim=0).cpu())
+    values = torch.cat(chunks).numpy()
+    return pd.DataFrame(values, index=data.obs_names.copy(), columns=data.var_names.copy())
+
+
+def cell_scores(
+    model: Callable,
+    guide: Callable,
+    data: CountData,
+    n_samples: int = 200,
+    *,
+    per_gene: bool = False,
+    seed: int | None = None,
+    networks: nn.Module | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> pd.DataFrame:
+    """How plausible the model finds each cell: its importance-sampled ``log p(x_n)``
+    (:func:`log_likelihood`, the held-out score of a cell the model has not
+    seen). Low values flag cells unlike the rest: low-quality cells, doublets.
+
+    ``log p(x)`` falls with the library size, so compare cells of similar depth, or per count.
+
+    Args:
+        model, guide, data, networks, batch_size, device: as :func:`log_likelihood`.
+        n_samples: importance samples K per cell (and posterior draws for ``per_gene``).
+        seed: seeds the draws (the global generator is left as it was); None: the global one.
+        per_gene: add each gene's posterior-mean log-likelihood (:func:`gene_log_likelihood`),
+            one column per gene.
+
+    Returns:
+        a float64 DataFrame indexed by ``data``'s obs_names: ``log_likelihood`` (nats) and, with
+        ``per_gene``, one column per gene.
+    """
+    with seeded(seed, device):
+        scores = log_likelihood(
+            model, guide, data, n_samples, networks=networks, batch_size=batch_size, device=device
+        )
+    table = pd.DataFrame({"log_likelihood": scores}, index=data.obs_names.copy())
+    if not per_gene:
+        return table
+    genes = gene_log_likelihood(
+        model,
+        guide,
+        data,
+        n_samples,
+        seed=seed,
+        networks=networks,
+        batch_size=batch_size,
+        device=device,
+    )
+    return pd.concat([table, genes], axis=1)

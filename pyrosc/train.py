@@ -1,7 +1,7 @@
 """Stochastic variational inference for any (model, guide) pair that follows the pyrosc contract.
 
 The trainer never asks which model it was given. What it needs to know it reads off the pair:
-the data arguments it takes (its signature, see :func:`pyrosc.evaluate.bind_data`), and
+the data arguments it takes (its signature, see :func:`pyrosc.traces.bind_data`), and
 whether any site is marked for enumeration (then the ELBO is ``TraceEnum_ELBO``, so discrete
 latents are summed out exactly instead of sampled).
 
@@ -33,14 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrosc.data import CountData, MinibatchSampler, split_cells
-from pyrosc.evaluate import (
-    bind_data,
-    data_kwargs,
-    elbo,
-    per_dimension_log_prob,
-    plate_nesting,
-    trace_pair,
-)
+from pyrosc.evaluate import elbo, per_dimension_log_prob
+from pyrosc.traces import bind_data, data_kwargs, plate_nesting, trace_pair
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

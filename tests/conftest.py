@@ -1,14 +1,31 @@
-"""Shared fixtures: Pyro's validation on, a fresh parameter store, small simulated count data."""
+"""Shared fixtures: Pyro's validation on, a fresh parameter store, small simulated count data,
+a short NB VAE fit of data simulated from an NB VAE, and a model written outside the package."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pyro
+import pyro.distributions as dist
 import pytest
 import scipy.sparse as sp
 import torch
+from torch.distributions import constraints
+
+import pyrosc
+from pyrosc.data import from_anndata
+from pyrosc.models import vae_model
+from pyrosc.nets import CountDecoder
+from pyrosc.plates import cells_plate
+
+TINY = {"n_latent": 2, "n_hidden": 16}
+#: A short fit that converges on a few hundred cells: many small steps at a large rate.
+QUICK = {"max_epochs": 30, "batch_size": 32, "lr": 1e-2, "validation_fraction": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -72,3 +89,58 @@ def resampled_pbmc3k(n_cells: int, seed: int = 0) -> ad.AnnData:
     )
     adata = ad.AnnData(counts.astype(np.float32), obs=obs, var=source.var.copy())
     return adata[np.diff(counts.indptr) > 0].copy()
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny networks: a second thread brings no speed, and on a shared machine its
+    synchronisation costs many times the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole test module (``pytest.mark.usefixtures``)."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def self_simulated() -> ad.AnnData:
+    """Counts simulated from an NB VAE with fixed random networks (theta = 3)."""
+    torch.manual_seed(0)
+    template = from_anndata(simulate_counts(n_cells=300, n_genes=20))
+    decoder = CountDecoder(2, 20, n_hidden=16).eval()
+    baseline = np.random.default_rng(0).dirichlet(np.full(20, 0.5))
+    with torch.no_grad():
+        decoder.proportion_logits.weight.mul_(3.0)  # genes that vary with z
+        decoder.proportion_logits.bias.copy_(torch.from_numpy(np.log(baseline)))
+    with pyro.get_param_store().scope():
+        pyro.param("inverse_dispersion", torch.full((20,), 3.0), constraint=constraints.positive)
+        model = partial(vae_model, decoder=decoder, likelihood="nb")
+        return pyrosc.simulate(model, 300, data=template, seed=0, networks=decoder)
+
+
+@pytest.fixture(scope="session")
+def nb_fit(self_simulated):
+    """An NB VAE fitted to :func:`self_simulated`, shared by every test that only asks it."""
+    with one_thread():
+        return pyrosc.VAE(self_simulated, "nb", **TINY).fit(progress=False, **QUICK)
+
+
+def factor_model(counts, library, batch, cell_index, n_cells=None):
+    """z ~ N(0, I_2); rho = softmax(W z + b_batch); x ~ Poisson(l rho): a Poisson factor model
+    with a batch offset, written with plain Pyro parameters."""
+    n_genes = counts.shape[-1]
+    loadings = pyro.param("loadings", counts.new_zeros(2, n_genes))
+    offsets = pyro.param("offsets", counts.new_zeros(2, n_genes))
+    with cells_plate(cell_index, n_cells):
+        z = pyro.sample("z", dist.Normal(counts.new_zeros(2), 1.0).to_event(1))
+        rho = torch.softmax(z @ loadings + offsets[batch], dim=-1)
+        pyro.deterministic("proportions", rho, event_dim=1)
+        pyro.sample("counts", dist.Poisson(library.unsqueeze(-1) * rho).to_event(1), obs=counts)

@@ -16,7 +16,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 import pyrosc
-from pyrosc import evaluate, predictive
+from pyrosc import evaluate, predictive, traces
 from pyrosc.data import CountData, from_anndata
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide, vae_guide
 from pyrosc.models import gmvae_model, vae_model
@@ -93,8 +93,8 @@ def test_a_guide_that_names_only_its_own_data_trains_evaluates_and_simulates():
 def _scales(model, guide, kwargs, weight):
     annealed = annealed_sites(model, kwargs)
     scale = ScaleLatents(weight, annealed)
-    model, guide = scale(evaluate.bind_data(model)), scale(evaluate.bind_data(guide))
-    guide_trace, model_trace = evaluate.trace_pair(model, guide, kwargs)
+    model, guide = scale(traces.bind_data(model)), scale(traces.bind_data(guide))
+    guide_trace, model_trace = traces.trace_pair(model, guide, kwargs)
     sites = ("z", "library")
     return annealed, [{s: t.nodes[s]["scale"] for s in sites} for t in (guide_trace, model_trace)]
 
@@ -239,15 +239,15 @@ def test_per_cell_elbo_sums_to_the_trained_objective_on_the_same_draws(kind):
     loss = objective(num_particles=k, vectorize_particles=True, max_plate_nesting=1)
     kwargs = {**minibatch, "n_cells": None}
     # The same draws: the guide reseeds the generator each time it runs (same shapes both ways).
-    seeded = poutine.seed(evaluate.bind_data(guide), rng_seed=5)
+    seeded = poutine.seed(traces.bind_data(guide), rng_seed=5)
     with torch.no_grad():
-        per_cell = evaluate.elbo_terms(evaluate.bind_data(model), seeded, minibatch, k)
-        trained = -loss.loss(evaluate.bind_data(model), seeded, **kwargs)
+        per_cell = evaluate.elbo_terms(traces.bind_data(model), seeded, minibatch, k)
+        trained = -loss.loss(traces.bind_data(model), seeded, **kwargs)
     assert per_cell.shape == (k, 12)
     assert float(per_cell.mean(0).sum()) == pytest.approx(trained, rel=1e-5)
     if kind == "scvae":  # the stratified weight, which never involves q(y | x), is another bound
         with torch.no_grad():
             stratified = evaluate.log_importance_weights(
-                evaluate.bind_data(model), seeded, minibatch, k
+                traces.bind_data(model), seeded, minibatch, k
             )
         assert float(stratified.mean(0).sum()) != pytest.approx(trained, rel=1e-3)

@@ -1,14 +1,19 @@
-"""Evaluation against closed forms: a linear-Gaussian model whose log p(x) is known exactly."""
+"""Evaluation against closed forms: a linear-Gaussian model whose log p(x) is known exactly, a
+per-gene score against the Poisson pmf; and cell scores that flag corrupted cells."""
 
 from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
+import scipy.sparse as sp
 import torch
+from conftest import factor_model, simulate_counts
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 from pyrosc import evaluate
 from pyrosc.data import from_anndata
@@ -107,3 +112,46 @@ def test_global_latent_is_refused(gaussian_data):
 
     with pytest.raises(ValueError, match="not inside the plate 'cells'"):
         evaluate.log_likelihood(model, guide, data, n_samples=2)
+
+
+# -- per-cell and per-gene scores ------------------------------------------------------------
+
+
+def test_gene_log_likelihood_is_the_counts_log_pmf_under_a_point_posterior():
+    adata = simulate_counts(n_cells=12, n_genes=5)
+    data = from_anndata(adata, batch_key="batch")
+    point = torch.randn(12, 2)
+
+    def point_guide(counts, library, batch, cell_index, n_cells=None):
+        with cells_plate(cell_index, n_cells):
+            pyro.sample("z", dist.Delta(point[: counts.shape[0]]).to_event(1))
+
+    pyro.param("loadings", torch.randn(2, 5))
+    pyro.param("offsets", torch.randn(2, 5))
+    per_gene = evaluate.gene_log_likelihood(factor_model, point_guide, data, n_samples=3)
+
+    logits = point @ pyro.param("loadings") + pyro.param("offsets")[data.covariates["batch"]]
+    rate = data.library[:, None] * torch.softmax(logits, dim=-1).detach().numpy()
+    expected = stats.poisson(rate).logpmf(adata.X.toarray())
+    np.testing.assert_allclose(per_gene.to_numpy(), expected, rtol=1e-4)
+    assert list(per_gene.index) == list(adata.obs_names)
+
+
+def test_cell_scores_flag_corrupted_cells(nb_fit):
+    clean = nb_fit.adata
+    rng = np.random.default_rng(0)
+    counts = clean.X[:10].toarray()
+    corrupted = ad.AnnData(
+        sp.csr_matrix(rng.permuted(counts, axis=1)),  # each cell's counts shuffled over genes
+        obs=pd.DataFrame(index=[f"corrupted{i}" for i in range(10)]),
+        var=clean.var,
+    )
+    cells = ad.concat([clean, corrupted])
+    scores = nb_fit.cell_scores(cells, n_samples=20, per_gene=True)
+    assert list(scores.index) == list(cells.obs_names)
+    assert list(scores.columns) == ["log_likelihood", *clean.var_names]
+    np.testing.assert_array_equal(cells.obs["pyrosc_log_likelihood"], scores["log_likelihood"])
+    per_count = scores["log_likelihood"] / np.asarray(cells.X.sum(axis=1)).ravel()
+    is_corrupted = per_count.index.isin(corrupted.obs_names)
+    assert roc_auc_score(is_corrupted, -per_count) > 0.97
+    assert np.all(scores[list(clean.var_names)].to_numpy() <= 0)

@@ -18,10 +18,10 @@ from sklearn.metrics import adjusted_rand_score
 
 from pyrosc import GMVAE, evaluate
 from pyrosc.data import from_anndata
-from pyrosc.evaluate import bind_data
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide
 from pyrosc.models import gmvae_model
 from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder
+from pyrosc.traces import bind_data
 
 K, LATENT = 3, 2
 

@@ -1,7 +1,6 @@
-"""Asking a model things: simulation against closed-form moments, cluster draws against Bayes'
-rule, counterfactual batches against a simulated batch effect and against the factual decoding,
-predictive checks that pass a self-fit and fail a Poisson on overdispersed counts, cell scores
-that flag corrupted cells, and all of it on a model written here, outside the package."""
+"""Asking a model for cells: simulation against closed-form moments, counterfactual batches
+against a simulated batch effect and against the factual decoding, and every question (with the
+predictive checks and cell scores) to every model and to one written outside the package."""
 
 from __future__ import annotations
 
@@ -15,34 +14,19 @@ import pyro.distributions as dist
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import simulate_counts
-from scipy import stats
-from sklearn.metrics import roc_auc_score
+from conftest import QUICK, TINY, factor_model, simulate_counts
 from torch.distributions import constraints
 
 import pyrosc
-from pyrosc import GMVAE, SCVI, VAE, predictive
+from pyrosc import GMVAE, SCVI, VAE, evaluate, predictive, predictive_checks
 from pyrosc.data import from_anndata
-from pyrosc.guides import gmvae_scvae_guide
-from pyrosc.models import gmvae_model, scvi_model, vae_model
+from pyrosc.models import scvi_model, vae_model
 from pyrosc.models.scvi import LibraryPrior
-from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder, ScviDecoder
+from pyrosc.nets import CountDecoder, GaussianEncoder, ScviDecoder
 from pyrosc.plates import cells_plate
 from pyrosc.train import train
 
-TINY = {"n_latent": 2, "n_hidden": 16}
-#: A short fit that converges on a few hundred cells: many small steps at a large rate.
-QUICK = {"max_epochs": 30, "batch_size": 32, "lr": 1e-2, "validation_fraction": 0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: a second thread brings no speed, and on a shared machine its
-    synchronisation costs many times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def moments_within_monte_carlo_error(x: np.ndarray, mean: np.ndarray, variance: np.ndarray):
@@ -125,49 +109,6 @@ def test_a_latent_library_is_drawn_from_its_batchs_prior_or_fixed_when_given():
     np.testing.assert_array_equal(fixed.obs["library"], 300.0)
 
 
-# -- posterior draws of a discrete latent ------------------------------------------------------
-
-
-def test_cluster_draws_follow_bayes_rule_or_the_guides_q_y():
-    """The GMVAE's y: drawn from p(y | z) when the model sums it out (marginal guide), from
-    q(y | x) when the guide samples it (scVAE guide)."""
-    torch.manual_seed(0)
-    data = from_anndata(simulate_counts(n_cells=4, n_genes=5, seed=2))
-    minibatch = data.minibatch(np.arange(4))
-    locs = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.5]])
-    model = partial(
-        gmvae_model,
-        decoder=CountDecoder(2, 5, n_hidden=8).eval(),
-        component_locs_init=locs,
-        mixture_weights="learned",
-    )
-    weights, scales = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([[0.8], [1.2], [1.0]])
-    pyro.param("mixture_weights", weights, constraint=constraints.simplex)
-    pyro.param("component_scales", scales.expand(3, 2).clone(), constraint=constraints.positive)
-    point = torch.tensor([[-0.8, 0.2], [0.9, 0.4], [0.0, -1.0], [0.3, -0.3]])
-
-    def point_guide(counts, library, cell_index, n_cells=None):
-        with cells_plate(cell_index, n_cells):
-            pyro.sample("z", dist.Delta(point).to_event(1))
-
-    n = 4000
-    (trace,) = predictive.posterior_traces(model, point_guide, minibatch, n, sample_counts=False)
-    frequencies = torch.stack([(trace.nodes["y"]["value"] == k).double().mean(0) for k in range(3)])
-    log_joint = weights.log()[:, None] + torch.stack(
-        [dist.Normal(locs[k], scales[k]).log_prob(point).sum(-1) for k in range(3)]
-    )
-    bayes = log_joint.softmax(dim=0).double()
-    assert torch.all((frequencies - bayes).abs() < 4.5 * (bayes * (1 - bayes) / n).sqrt() + 1e-3)
-
-    classifier = Classifier(5, 3, n_hidden=8).eval()
-    encoder = GaussianEncoder(5, 2, n_hidden=8, covariate_sizes=(3,)).eval()
-    guide = partial(gmvae_scvae_guide, classifier=classifier, encoder=encoder)
-    (trace,) = predictive.posterior_traces(model, guide, minibatch, n, sample_counts=False)
-    frequencies = torch.stack([(trace.nodes["y"]["value"] == k).double().mean(0) for k in range(3)])
-    q_y = classifier(torch.log1p(minibatch["counts"])).softmax(-1).T.double().detach()
-    assert torch.all((frequencies - q_y).abs() < 4.5 * (q_y * (1 - q_y) / n).sqrt() + 1e-3)
-
-
 # -- counterfactual batches --------------------------------------------------------------------
 
 
@@ -238,78 +179,6 @@ def test_simulated_cells_of_a_batch_take_its_library_sizes(batch_effect_fit):
     )
 
 
-# -- predictive checks and cell scores ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def self_simulated() -> ad.AnnData:
-    """Counts simulated from an NB VAE with fixed random networks (theta = 3)."""
-    torch.manual_seed(0)
-    template = from_anndata(simulate_counts(n_cells=300, n_genes=20))
-    decoder = CountDecoder(2, 20, n_hidden=16).eval()
-    baseline = np.random.default_rng(0).dirichlet(np.full(20, 0.5))
-    with torch.no_grad():
-        decoder.proportion_logits.weight.mul_(3.0)  # genes that vary with z
-        decoder.proportion_logits.bias.copy_(torch.from_numpy(np.log(baseline)))
-    with pyro.get_param_store().scope():
-        pyro.param("inverse_dispersion", torch.full((20,), 3.0), constraint=constraints.positive)
-        model = partial(vae_model, decoder=decoder, likelihood="nb")
-        return pyrosc.simulate(model, 300, data=template, seed=0, networks=decoder)
-
-
-@pytest.fixture(scope="module")
-def nb_fit(self_simulated):
-    return VAE(self_simulated, "nb", **TINY).fit(progress=False, **QUICK)
-
-
-def test_predictive_check_passes_a_self_fit_and_fails_a_poisson_on_overdispersed_counts(
-    self_simulated, nb_fit
-):
-    nb = nb_fit.predictive_check(n_samples=50).summary["share_inside"]
-    poisson_fit = VAE(self_simulated, "poisson", **TINY).fit(progress=False, **QUICK)
-    poisson = poisson_fit.predictive_check(n_samples=50).summary["share_inside"]
-    # Thresholds from runs with fit seeds 0, 1, 2: the NB put 85-95% of the variances inside
-    # and 87-91% over the five statistics (the gene means of a short fit are the weakest,
-    # 65-90%), the Poisson 5% of the variances.
-    assert nb["variance"] > 0.75 and nb.mean() > 0.75
-    assert poisson["variance"] < 0.2
-
-
-def test_predictive_check_tables_and_plot(nb_fit):
-    check = nb_fit.predictive_check(n_samples=20)
-    assert set(check.genes["statistic"]) == set(predictive.GENE_STATISTICS)
-    assert len(check.genes) == 3 * 20 and len(check.cells) == 2 * 300
-    means = check.genes[check.genes["statistic"] == "mean"]
-    np.testing.assert_allclose(means["observed"], np.asarray(nb_fit.adata.X.mean(axis=0)).ravel())
-    assert np.all(means["replicated_lower"] <= means["replicated_upper"])
-    assert list(check.summary.index) == [*predictive.GENE_STATISTICS, *predictive.CELL_STATISTICS]
-    figure = check.plot()
-    assert len(figure.axes) == 5
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
-def test_cell_scores_flag_corrupted_cells(nb_fit):
-    clean = nb_fit.adata
-    rng = np.random.default_rng(0)
-    counts = clean.X[:10].toarray()
-    corrupted = ad.AnnData(
-        sp.csr_matrix(rng.permuted(counts, axis=1)),  # each cell's counts shuffled over genes
-        obs=pd.DataFrame(index=[f"corrupted{i}" for i in range(10)]),
-        var=clean.var,
-    )
-    cells = ad.concat([clean, corrupted])
-    scores = nb_fit.cell_scores(cells, n_samples=20, per_gene=True)
-    assert list(scores.index) == list(cells.obs_names)
-    assert list(scores.columns) == ["log_likelihood", *clean.var_names]
-    np.testing.assert_array_equal(cells.obs["pyrosc_log_likelihood"], scores["log_likelihood"])
-    per_count = scores["log_likelihood"] / np.asarray(cells.X.sum(axis=1)).ravel()
-    is_corrupted = per_count.index.isin(corrupted.obs_names)
-    assert roc_auc_score(is_corrupted, -per_count) > 0.97
-    assert np.all(scores[list(clean.var_names)].to_numpy() <= 0)
-
-
 # -- every model of the package, through the notebook API ---------------------------------------
 
 
@@ -353,19 +222,6 @@ def test_every_model_answers_every_question(cls, options):
 # -- a model written outside the package -------------------------------------------------------
 
 
-def factor_model(counts, library, batch, cell_index, n_cells=None):
-    """z ~ N(0, I_2); rho = softmax(W z + b_batch); x ~ Poisson(l rho): a Poisson factor model
-    with a batch offset, written with plain Pyro parameters."""
-    n_genes = counts.shape[-1]
-    loadings = pyro.param("loadings", counts.new_zeros(2, n_genes))
-    offsets = pyro.param("offsets", counts.new_zeros(2, n_genes))
-    with cells_plate(cell_index, n_cells):
-        z = pyro.sample("z", dist.Normal(counts.new_zeros(2), 1.0).to_event(1))
-        rho = torch.softmax(z @ loadings + offsets[batch], dim=-1)
-        pyro.deterministic("proportions", rho, event_dim=1)
-        pyro.sample("counts", dist.Poisson(library.unsqueeze(-1) * rho).to_event(1), obs=counts)
-
-
 def factor_guide(counts, library, batch, cell_index, n_cells=None, *, encoder):
     pyro.module("encoder", encoder)
     with cells_plate(cell_index, n_cells):
@@ -387,8 +243,8 @@ def test_a_model_written_outside_the_package_gets_every_utility():
         )
         replicated = predictive.posterior_predictive(factor_model, guide, data, 2, **common)
         as_b = predictive.counterfactual(factor_model, guide, data, {"batch": "b"}, **common)
-        check = predictive.predictive_check(factor_model, guide, data, 5, **common)
-        scores = predictive.cell_scores(factor_model, guide, data, 4, per_gene=True, **common)
+        check = predictive_checks.predictive_check(factor_model, guide, data, 5, **common)
+        scores = evaluate.cell_scores(factor_model, guide, data, 4, per_gene=True, **common)
         in_a = data.subset(np.flatnonzero(adata.obs["batch"] == "a"))
         factual = predictive.posterior_predictive(factor_model, guide, in_a, **common)
         own = predictive.counterfactual(factor_model, guide, in_a, {"batch": "a"}, **common)
@@ -401,26 +257,6 @@ def test_a_model_written_outside_the_package_gets_every_utility():
     assert (as_b.obs["batch"] == "b").all() and as_b.layers["normalized"].shape == (80, 10)
     np.testing.assert_array_equal(own.X.toarray(), factual.X.toarray())
     assert len(check.genes) == 30 and scores.shape == (80, 11)
-
-
-def test_gene_log_likelihood_is_the_counts_log_pmf_under_a_point_posterior():
-    adata = simulate_counts(n_cells=12, n_genes=5)
-    data = from_anndata(adata, batch_key="batch")
-    point = torch.randn(12, 2)
-
-    def point_guide(counts, library, batch, cell_index, n_cells=None):
-        with cells_plate(cell_index, n_cells):
-            pyro.sample("z", dist.Delta(point[: counts.shape[0]]).to_event(1))
-
-    pyro.param("loadings", torch.randn(2, 5))
-    pyro.param("offsets", torch.randn(2, 5))
-    per_gene = predictive.gene_log_likelihood(factor_model, point_guide, data, n_samples=3)
-
-    logits = point @ pyro.param("loadings") + pyro.param("offsets")[data.covariates["batch"]]
-    rate = data.library[:, None] * torch.softmax(logits, dim=-1).detach().numpy()
-    expected = stats.poisson(rate).logpmf(adata.X.toarray())
-    np.testing.assert_allclose(per_gene.to_numpy(), expected, rtol=1e-4)
-    assert list(per_gene.index) == list(adata.obs_names)
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ from scipy import stats
 import pyrosc
 from pyrosc import SCVI, evaluate
 from pyrosc.data import from_anndata
-from pyrosc.evaluate import bind_data
 from pyrosc.guides import scvi_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
 from pyrosc.models import scvi_model
 from pyrosc.models.scvi import DISPERSIONS, LibraryPrior
 from pyrosc.nets import GaussianEncoder, ScviDecoder
+from pyrosc.traces import bind_data, eval_mode, model_kwargs, trace_pair
 
 TINY = {"n_latent": 2, "n_hidden": 8}
 
@@ -73,8 +73,8 @@ def make_pair(data, likelihood: str, dispersion: str, library: str, seed: int = 
 
 def traces(model, guide, minibatch):
     """Guide trace and model trace replayed against it, for a minibatch as a whole."""
-    kwargs = evaluate.model_kwargs(model, minibatch, None)
-    return evaluate.trace_pair(model, guide, kwargs)
+    kwargs = model_kwargs(model, minibatch, None)
+    return trace_pair(model, guide, kwargs)
 
 
 def latent_sites(trace) -> set[str]:
@@ -139,7 +139,7 @@ def test_latent_library_posterior_starts_at_the_prior_scale(adata):
         max_epochs=1, validation_fraction=0, lr=0.0, progress=False
     )
     minibatch = model.data.minibatch(np.arange(model.data.n_cells))
-    with model._scope() as (m, g, networks), evaluate.eval_mode(networks):
+    with model._scope() as (m, g, networks), eval_mode(networks):
         guide_trace, _ = traces(m, g, minibatch)
         prior = networks["library_prior"]
     log_library_loc = guide_trace.nodes["library"]["fn"].loc
@@ -391,7 +391,7 @@ def test_bad_library_size(fitted):
 def test_minibatch_scaling_covers_the_library(data):
     model, guide, _ = make_pair(data, "nb", "gene", "latent")
     minibatch = data.minibatch(np.arange(20))
-    trace = poutine.trace(model).get_trace(**evaluate.model_kwargs(model, minibatch, 120))
+    trace = poutine.trace(model).get_trace(**model_kwargs(model, minibatch, 120))
     assert trace.nodes["library"]["scale"] == pytest.approx(6.0)
     assert trace.nodes["counts"]["scale"] == pytest.approx(6.0)
 

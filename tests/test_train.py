@@ -11,12 +11,12 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from pyrosc import VAE, evaluate
+from pyrosc import VAE, traces
 from pyrosc.data import from_anndata
-from pyrosc.evaluate import bind_data
 from pyrosc.guides import vae_guide
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
+from pyrosc.traces import bind_data
 from pyrosc.train import ScaleLatents, free_bits_loss, resolve_device, train
 
 
@@ -139,7 +139,7 @@ def test_free_bits_adds_the_shortfall_and_silences_the_kl_gradient(toy_adata):
     free = free_bits_loss(budget)(model, guide, **kwargs)
     # loss = reconstruction + sum_d max(KL_d, budget) per cell -> reconstruction + 3 * budget.
     pyro.set_rng_seed(0)
-    guide_trace, model_trace = evaluate.trace_pair(model, guide, kwargs)
+    guide_trace, model_trace = traces.trace_pair(model, guide, kwargs)
     kl = (guide_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]).sum()) - (
         model_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]).sum()
     )

@@ -12,13 +12,13 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from scipy import stats
 
-from pyrosc import evaluate
+from pyrosc import evaluate, traces
 from pyrosc.data import from_anndata
-from pyrosc.evaluate import bind_data
 from pyrosc.guides import vae_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_gate
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
+from pyrosc.traces import bind_data
 
 
 def make_pair(n_genes: int, likelihood: str, n_latent: int = 3):
@@ -37,7 +37,7 @@ def test_guide_matches_model_and_sites_are_named_as_the_math(toy_adata, likeliho
     # Pyro's validation (on in conftest) checks that the guide samples the model's latents.
     loss = Trace_ELBO().loss(bind_data(model), bind_data(guide), **batch, n_cells=240)
     assert np.isfinite(loss)
-    guide_trace, model_trace = evaluate.trace_pair(model, guide, batch)
+    guide_trace, model_trace = traces.trace_pair(model, guide, batch)
     assert model_trace.nodes["z"]["value"].shape == (16, 3)
     assert model_trace.nodes["counts"]["is_observed"]
     assert model_trace.nodes["counts"]["fn"].batch_shape == (16,)
