@@ -30,15 +30,15 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from views import DATA, load_view
 
 import pyrosc
-from pyrosc import evaluate
+from pyrosc import evaluate, traces
 
 
 def stratified_elbo(model, guide, data, n_samples: int, networks, device) -> np.ndarray:
     """The old per-cell validation ELBO: the mean over K draws of the stratified log weight
     ``log sum_y p(x, y, z_y) / q(z_y | x, y)``, ``(cells,)``."""
     rows = []
-    with torch.no_grad(), evaluate.eval_mode(networks):
-        for index in evaluate.cell_chunks(data, n_samples):
+    with torch.no_grad(), traces.eval_mode(networks):
+        for index in traces.cell_chunks(data, n_samples):
             minibatch = data.minibatch(index, device)
             weights = evaluate.log_importance_weights(model, guide, minibatch, n_samples)
             rows.append(weights.mean(0).cpu())

@@ -16,7 +16,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from pyrosc.data import count_matrix, select_genes
+from pyrosc.data import select_genes
+from pyrosc.input_checks import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
 from pyrosc.models.scvi import DISPERSIONS
 

@@ -61,6 +61,36 @@ def simulate_counts(
     return ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
 
 
+def make_adata(n_cells: int = 12, n_genes: int = 8, sparse: bool = True, seed: int = 0):
+    """A small AnnData of Poisson counts (every cell and gene non-empty) with obs columns."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(2.0, size=(n_cells, n_genes)).astype(np.float32)
+    counts[:, 0] += 1  # no empty cells
+    counts[0] += 1  # no empty genes
+    adata = ad.AnnData(
+        X=sp.csr_matrix(counts) if sparse else counts,
+        obs=pd.DataFrame(
+            {
+                "batch": pd.Categorical(["b", "a"] * (n_cells // 2), categories=["b", "a", "z"]),
+                "donor": [f"d{i % 3}" for i in range(n_cells)],
+                "cell_type": ["T", np.nan] * (n_cells // 2),
+            },
+            index=[f"cell{i}" for i in range(n_cells)],
+        ),
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)]),
+    )
+    return adata
+
+
+def log_normalise(counts: np.ndarray) -> np.ndarray:
+    """log1p of counts scaled to 10,000 per cell, as sc.pp.normalize_total + sc.pp.log1p."""
+    return np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+
+
+def dense(matrix) -> np.ndarray:
+    return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+
+
 @pytest.fixture
 def toy_adata() -> ad.AnnData:
     return simulate_counts()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
+import pyro
 import pytest
 import torch
+from conftest import simulate_counts
 
 import pyrosc
 from pyrosc import VAE
+from pyrosc.api.batches import BatchModel
 
 
 @pytest.fixture
@@ -64,6 +68,28 @@ def test_save_load_round_trip_gives_identical_latents(fitted, toy_adata, tmp_pat
     )
 
 
+@pytest.mark.parametrize(
+    ("cls", "options", "fit_options"),
+    [
+        (pyrosc.VAE, {"likelihood": "nb"}, {}),
+        (pyrosc.GMVAE, {"n_clusters": 3, "guide": "scvae"}, {"init": "random"}),
+        (pyrosc.SCVI, {"batch_key": "batch", "library": "latent"}, {}),
+    ],
+)
+def test_every_class_round_trips_through_save_and_load(cls, options, fit_options, tmp_path):
+    adata = simulate_counts(n_cells=60, n_genes=8)
+    model = cls(adata, n_latent=2, n_hidden=8, **options)
+    model.fit(max_epochs=1, progress=False, **fit_options)
+    model.save(tmp_path / "m")
+    loaded = cls.load(tmp_path / "m", adata.copy())
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded.latent(), model.latent())
+    pyro.set_rng_seed(0)
+    expected = model.log_likelihood(n_samples=3)
+    pyro.set_rng_seed(0)
+    np.testing.assert_allclose(loaded.log_likelihood(n_samples=3), expected, rtol=1e-6)
+
+
 def test_saved_file_loads_with_weights_only(fitted, tmp_path):
     fitted.save(tmp_path / "m")
     tensors = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
@@ -90,6 +116,36 @@ def test_scoring_other_genes_is_refused(fitted, toy_adata):
 def test_unfitted_model_says_so(toy_adata):
     with pytest.raises(RuntimeError, match=r"not fitted yet: call \.fit\(\) first"):
         VAE(toy_adata).latent()
+
+
+# What can name a batch: only a model with batches (BatchModel) takes the arguments.
+BATCH_ARGUMENTS = [
+    ("simulate", "batch"),
+    ("simulate", "covariates"),
+    ("counterfactual", "batch"),
+    ("counterfactual", "covariates"),
+    ("normalized_expression", "transform_batch"),
+]
+
+
+@pytest.mark.parametrize("cls", [pyrosc.VAE, pyrosc.GMVAE])
+def test_models_without_batches_take_no_batch_arguments(toy_adata, cls):
+    assert not issubclass(cls, BatchModel)
+    for method, argument in BATCH_ARGUMENTS:
+        assert argument not in inspect.signature(getattr(cls, method)).parameters
+    model = cls(toy_adata, n_latent=2, n_hidden=8)
+    with pytest.raises(TypeError, match="transform_batch"):
+        model.normalized_expression(transform_batch="a")
+    with pytest.raises(TypeError, match="'batch'"):
+        model.simulate(5, batch="a")
+    with pytest.raises(TypeError, match="'batch'"):
+        model.counterfactual(batch="a")
+
+
+def test_a_model_with_batches_takes_the_batch_arguments():
+    assert issubclass(pyrosc.SCVI, BatchModel)
+    for method, argument in BATCH_ARGUMENTS:
+        assert argument in inspect.signature(getattr(pyrosc.SCVI, method)).parameters
 
 
 def test_unknown_likelihood(toy_adata):

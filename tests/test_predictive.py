@@ -270,8 +270,8 @@ def test_unknown_batch_lists_the_known_ones(batch_effect_fit):
         model.simulate(5, covariates={"donor": "d1"})
 
 
-def test_a_batch_needs_a_model_with_a_batch_key(nb_fit):
-    with pytest.raises(ValueError, match="needs a model with a batch_key; this VAE has none"):
+def test_a_model_without_batches_takes_no_batch(nb_fit):
+    with pytest.raises(TypeError, match="batch"):
         nb_fit.counterfactual(batch="a")
 
 
