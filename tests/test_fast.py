@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from pyro import validation_enabled as pyro_validation
 
+from pyrosc import _fast
 from pyrosc._fast import compiled
 from pyrosc.likelihoods import count_distribution
 
@@ -209,3 +210,19 @@ def test_trace_graph_elbo_gradients_are_unchanged_by_the_fused_path(
     eager = gradient()
     assert torch.isfinite(fused_path).all()
     torch.testing.assert_close(fused_path, eager)
+
+
+def test_the_speed_path_steps_aside_off_the_cpu_and_for_counts_needing_a_gradient() -> None:
+    """Where the dispatch returns None the distributions run the reference form: on other
+    devices (its tables and rare cases would read values to the host; "meta" stands in for
+    CUDA here) and for counts that need a gradient."""
+    meta = [torch.empty(8, 5, device="meta") for _ in range(4)]
+    assert _fast.negative_binomial_log_prob(*meta[:3]) is None
+    assert _fast.negative_binomial_log_prob(*meta[:3], meta[3]) is None
+    value = torch.ones(8, 5, requires_grad=True)
+    assert _fast.negative_binomial_log_prob(torch.zeros(8, 5), torch.ones(5), value) is None
+    counts = value.detach()
+    assert _fast.negative_binomial_log_prob(torch.zeros(8, 5), torch.ones(5), counts) is not None
+    with pyro_validation(False):  # (validation reads values, which meta tensors do not have)
+        log_prob = count_distribution("zinb", *meta[:2], meta[3]).log_prob(meta[2])
+    assert log_prob.shape == (8, 5)
