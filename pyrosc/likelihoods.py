@@ -75,12 +75,11 @@ def _check_arguments(likelihood: str, given: dict[str, Tensor | None]) -> None:
             )
 
 
-# The reference log-probabilities: elementwise on the broadcast shape of the arguments, e.g.
-# (..., cells, genes) from a (..., cells, genes) log mean, (genes,) theta, (cells, genes) counts.
-
-
 def poisson_log_prob(log_rate: Tensor, value: Tensor) -> Tensor:
-    """log Poisson(x | r) = x log r - r - lgamma(x + 1), from the log rate log r."""
+    """log Poisson(x | r) = x log r - r - lgamma(x + 1), from the log rate log r.
+
+    Elementwise on the broadcast shape: ``(..., cells, genes)`` from a log rate of that shape
+    and ``(cells, genes)`` counts x."""
     return value * log_rate - log_rate.exp() - torch.lgamma(value + 1)
 
 
@@ -92,7 +91,9 @@ def negative_binomial_log_prob(
         lgamma(x + t) - lgamma(t) - lgamma(x + 1) + t log(t / (t + m)) + x log(m / (t + m))
 
     with log(t / (t + m)) = -softplus(log m - log t), log(m / (t + m)) = -softplus(log t -
-    log m). (In float32 the lgamma difference cancels terms ~1e7 at t = 1e6.)
+    log m) (in float32 the lgamma difference cancels terms ~1e7 at t = 1e6). Elementwise on the
+    broadcast shape: ``(..., cells, genes)`` from a log mean of that shape, ``(genes,)`` or
+    ``(..., cells, genes)`` t and ``(cells, genes)`` counts x.
     """
     theta, log_theta = inverse_dispersion, inverse_dispersion.log()
     return (
@@ -108,7 +109,8 @@ def zero_inflated_log_prob(log_prob: Tensor, gate_logits: Tensor, value: Tensor)
     """log(pi 1[x = 0] + (1 - pi) p(x)) from log p(x) and the gate logits g = logit pi.
 
     At x = 0 it is log pi + log(1 + (1 - pi) p(0) / pi) = softplus(log p(0) - g) - softplus(-g),
-    elsewhere log(1 - pi) + log p(x) = log p(x) - softplus(g).
+    elsewhere log(1 - pi) + log p(x) = log p(x) - softplus(g). Elementwise on the broadcast
+    shape of log p(x), g and x, e.g. ``(..., cells, genes)``.
     """
     at_zero = F.softplus(log_prob - gate_logits) - F.softplus(-gate_logits)
     return torch.where(value == 0, at_zero, log_prob - F.softplus(gate_logits))

@@ -127,10 +127,10 @@ def _log_gamma_terms(
 
     genes = shape[-1]
     # The row of a count in the tables is the count itself, and the tables need only go up to
-    # the largest count, K - 1 at most. In the usual case every count is an integer in the
+    # the largest count, TABLE_SIZE - 1 at most. In the usual case every count is an integer in the
     # tables (checked with reductions, which are cheap; integrality is known when the
     # distribution has validated the counts). Otherwise the elements the tables do not hold
-    # (counts >= K, non-integers, and the negative or NaN values that validation rejects,
+    # (larger counts, non-integers, and the negative or NaN values that validation rejects,
     # which must not index outside the tables when it is off) are masked, looked up at a
     # clamped row, and replaced below.
     low, high = (float(bound) for bound in torch.aminmax(value))
