@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-import torch
 from torch import Tensor
 from torch.distributions import constraints
 
-from pyrosc.likelihoods import expression_likelihood, gene_inverse_dispersion
+from pyrosc.likelihoods import count_distribution, gene_inverse_dispersion
 from pyrosc.nets import CountDecoder
 from pyrosc.plates import cells_plate
 
@@ -39,8 +38,10 @@ def gmvae_model(
     The mixture weights ``w`` are uniform or a learned point on the simplex; the component
     means ``mu`` and scales ``sigma`` are learned parameters.
     ``rho_n`` is recorded as the deterministic site ``proportions``, so that any utility can
-    read it from a trace of the model (:mod:`pyrosc.predictive`). ``z`` is marked for KL
-    warm-up (``infer={"kl_warmup": True}``); the cluster ``y`` is not annealed.
+    read it from a trace of the model (:mod:`pyrosc.predictive`). The mean enters the likelihood
+    as its log, ``log l_n + log_softmax(f(z_n))``, finite where a proportion underflows to 0.
+    ``z`` is marked for KL warm-up (``infer={"kl_warmup": True}``); the cluster ``y`` is not
+    annealed.
 
     Args:
         counts: ``(batch, genes)`` observed counts.
@@ -68,9 +69,9 @@ def gmvae_model(
         y = pyro.sample("y", dist.Categorical(weights), infer={"enumerate": "parallel"})
         prior = dist.Normal(component_locs[y], component_scales[y]).to_event(1)
         z = pyro.sample("z", prior, infer={"kl_warmup": True})
-        logits, gate_logits = decoder(z)
-        pyro.deterministic("proportions", torch.softmax(logits, dim=-1), event_dim=1)
-        observation = expression_likelihood(
-            likelihood, library, logits, inverse_dispersion, gate_logits
-        )
-        pyro.sample("counts", observation, obs=counts)
+        logits, gate_logits = decoder(z)  # f(z_n), logit pi_n
+        pyro.deterministic("proportions", logits.softmax(-1), event_dim=1)  # rho_n = softmax(f)
+        # log(l_n rho_n), by log_softmax: finite where rho_n underflows to 0 in float32
+        log_mean = library.log().unsqueeze(-1) + logits.log_softmax(-1)
+        observation = count_distribution(likelihood, log_mean, inverse_dispersion, gate_logits)
+        pyro.sample("counts", observation.to_event(1), obs=counts)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pyrosc.likelihoods import expression_likelihood, gene_inverse_dispersion, uses_dispersion
+from pyrosc.likelihoods import count_distribution, gene_inverse_dispersion, uses_dispersion
 from pyrosc.nets import ScviDecoder
 from pyrosc.plates import cells_plate
 
@@ -98,8 +98,10 @@ def scvi_model(
     there is no ``library`` site. The inverse dispersion ``theta`` (NB and ZINB) is ``theta_g``
     per gene, ``theta_{g s_n}`` per gene and batch, or ``theta_ng = exp(f_r(z_n, c_n))`` from
     the decoder, per ``dispersion``. ``rho_n`` is recorded as the deterministic site
-    ``proportions``, so that any utility can read it from a trace of the model. ``z`` is marked
-    for KL warm-up (``infer={"kl_warmup": True}``); the library is not annealed, as in scVI.
+    ``proportions``, so that any utility can read it from a trace of the model. The mean enters
+    the likelihood as its log, ``log l_n + log_softmax(f_w)``, finite where ``rho_ng`` underflows.
+    ``z`` is marked for KL warm-up (``infer={"kl_warmup": True}``); the library is not
+    annealed, as in scVI.
 
     Args:
         counts: ``(cells, genes)`` observed counts of the minibatch's cells.
@@ -131,13 +133,13 @@ def scvi_model(
             mu, sigma = library_prior.loc[batch], library_prior.scale[batch]
             library = pyro.sample("library", dist.LogNormal(mu, sigma))
         logits, gate_logits, cell_inverse_dispersion = decoder(z, covariates, continuous_covariates)
-        pyro.deterministic("proportions", torch.softmax(logits, dim=-1), event_dim=1)
+        pyro.deterministic("proportions", logits.softmax(-1), event_dim=1)  # rho_n = softmax(f)
         if dispersion == "gene-cell":
             inverse_dispersion = cell_inverse_dispersion
-        observation = expression_likelihood(
-            likelihood, library, logits, inverse_dispersion, gate_logits
-        )
-        pyro.sample("counts", observation, obs=counts)
+        # log(l_n rho_n), by log_softmax: finite where rho_n underflows to 0 in float32
+        log_mean = library.log().unsqueeze(-1) + logits.log_softmax(-1)
+        observation = count_distribution(likelihood, log_mean, inverse_dispersion, gate_logits)
+        pyro.sample("counts", observation.to_event(1), obs=counts)
 
 
 def _free_inverse_dispersion(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-import torch
 from torch import Tensor
 
-from pyrosc.likelihoods import expression_likelihood, gene_inverse_dispersion
+from pyrosc.likelihoods import count_distribution, gene_inverse_dispersion
 from pyrosc.nets import CountDecoder
 from pyrosc.plates import cells_plate
 
@@ -30,8 +29,9 @@ def vae_model(
     with ``l_n`` the cell's observed total count, ``theta_g`` a gene-wise inverse dispersion
     (NB and ZINB) and ``pi_ng`` zero-inflation gate logits from the decoder (ZIP and ZINB).
     ``rho_n`` is recorded as the deterministic site ``proportions``, so that any utility can
-    read it from a trace of the model (:mod:`pyrosc.predictive`). ``z`` is marked for KL
-    warm-up (``infer={"kl_warmup": True}``).
+    read it from a trace of the model (:mod:`pyrosc.predictive`). The mean enters the likelihood
+    as its log, ``log l_n + log_softmax(f(z_n))``, finite where a proportion underflows to 0.
+    ``z`` is marked for KL warm-up (``infer={"kl_warmup": True}``).
 
     Args:
         counts: ``(batch, genes)`` observed counts.
@@ -48,9 +48,9 @@ def vae_model(
     with cells_plate(cell_index, n_cells):
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
         z = pyro.sample("z", prior.to_event(1), infer={"kl_warmup": True})
-        logits, gate_logits = decoder(z)
-        pyro.deterministic("proportions", torch.softmax(logits, dim=-1), event_dim=1)
-        observation = expression_likelihood(
-            likelihood, library, logits, inverse_dispersion, gate_logits
-        )
-        pyro.sample("counts", observation, obs=counts)
+        logits, gate_logits = decoder(z)  # f(z_n), logit pi_n
+        pyro.deterministic("proportions", logits.softmax(-1), event_dim=1)  # rho_n = softmax(f)
+        # log(l_n rho_n), by log_softmax: finite where rho_n underflows to 0 in float32
+        log_mean = library.log().unsqueeze(-1) + logits.log_softmax(-1)
+        observation = count_distribution(likelihood, log_mean, inverse_dispersion, gate_logits)
+        pyro.sample("counts", observation.to_event(1), obs=counts)

@@ -1,27 +1,26 @@
 """The NB and ZINB log-probabilities of a training step, each compiled into one fused loop.
 
-Written elementwise in eager PyTorch (:func:`pyrosc.likelihoods._log_prob_and_gradients`,
-:func:`pyrosc.likelihoods._zero_inflate`), the log-probability of a (cells, genes) minibatch
-and its derivatives take ~40 passes over the whole array plus a dozen small operations for
-the counts beyond the count tables, each one reading and writing memory or paying PyTorch's
-per-operation overhead: on a 2-core CPU ~40 % of an scVI training step. Here the same formulas
-are written once, as functions of the elementwise inputs, and handed to ``torch.compile``,
-which fuses them into one vectorised loop that reads the log mean, counts and gate logits once and
-writes the log-probability and its derivatives once.
+Written elementwise in eager PyTorch (:mod:`pyrosc._fast.eager`), the log-probability of a
+(cells, genes) minibatch and its derivatives take ~40 passes over the whole array plus a dozen
+small operations for the counts beyond the count tables, each one reading and writing memory
+or paying PyTorch's per-operation overhead: on a 2-core CPU ~40 % of an scVI training step.
+Here the same formulas are written once, as functions of the elementwise inputs, and handed to
+``torch.compile``, which fuses them into one vectorised loop that reads the log mean, counts
+and gate logits once and writes the log-probability and its derivatives once.
 
 What is compiled is only arithmetic: the autograd function below forms the derivatives in the
 forward pass (as its eager counterparts do) and the backward multiplies them by the incoming
 gradient, so no autograd graph is traced. The per-gene terms (count tables E(theta, k),
-F(theta, k) for k < :data:`TABLE_SIZE`, and the Stirling remainder of theta) come from the
-caller (:func:`pyrosc.likelihoods._gene_terms`); counts beyond the tables take the Stirling
-form of :func:`pyrosc.likelihoods._remainder_terms` inside the loop.
+F(theta, k) for k < :data:`TABLE_SIZE`, and the Stirling remainder of theta) are
+:func:`pyrosc._fast.tables.gene_terms`; counts beyond the tables take the Stirling form of
+:func:`pyrosc._fast.tables.remainder_terms` inside the loop.
 
-The fused path is taken for the training case only: float32 on the CPU, a gradient needed, a
-2-D ``(cells, genes)`` log mean (and gate) with the counts' shape, and one ``theta`` per gene.
-Everything else (evaluation with many particles, float64, CUDA, broadcasting, counts that are
-not non-negative integers) runs the eager code, which the fused one is tested against. Set the
-environment variable ``PYROSC_COMPILE=0`` to turn it off; if compiling fails (no C++ compiler,
-say) pyrosc warns once and uses the eager code from then on.
+The fused path is taken for the training case only (:func:`applies`): float32 on the CPU, a
+gradient needed, a 2-D ``(cells, genes)`` log mean (and gate) with the counts' shape, and one
+``theta`` per gene. Everything else runs the eager code. Both are tested against the reference
+log-probabilities of :mod:`pyrosc.likelihoods` and against float64 truth. Set the environment
+variable ``PYROSC_COMPILE=0`` to turn it off; if compiling fails (no C++ compiler, say) pyrosc
+warns once and uses the eager code from then on.
 """
 
 from __future__ import annotations
@@ -35,14 +34,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-#: Counts below this are looked up in per-gene tables (rows 0..TABLE_SIZE-1); the others take
-#: Stirling's series.
-TABLE_SIZE = 32
+from pyrosc._fast import tables
+from pyrosc._fast.eager import TINY_PRODUCT
+from pyrosc._fast.tables import TABLE_SIZE
 
 _TINY = torch.finfo(torch.float32).tiny
-
-#: Where m (t + x) falls below this, the log-probability's x log m term is formed from log m.
-TINY_PRODUCT = 1e-30
 
 
 def _invalid(value: Tensor) -> Tensor:
@@ -64,11 +60,11 @@ def _negative_binomial(
     """log NB(value | exp(log_mean), theta), its derivatives in log mean and theta, and
     :func:`_invalid`.
 
-    The formulas of :func:`pyrosc.likelihoods._log_prob_and_gradients` (see the notes there):
+    The formulas of :mod:`pyrosc._fast.eager` (see the notes there):
     log p = t q + x w + E with q = log((t + x) / (t + m)) and w = log(m (t + x) / ((t + m)
     (x + 1))), each a log1p of a ratio formed without cancellation. E and F = dE/dt are looked
     up in ``table_e``, ``table_f`` (flat ``(TABLE_SIZE * genes,)``, row = count) for counts
-    below :data:`TABLE_SIZE`; for larger ones they are :func:`pyrosc.likelihoods._remainder_terms`
+    below :data:`TABLE_SIZE`; for larger ones they are :func:`pyrosc._fast.tables.remainder_terms`
     from ``remainder`` = R(theta), ``remainder_derivative`` = R'(theta) and ``inverse_theta``
     (each ``(genes,)``), with the series cut to two terms (the next is < 3e-11 from 32 on) and
     the two half-logs merged into one log of a number >= 33, so that the branch costs one
@@ -117,7 +113,7 @@ def _zero_inflated_negative_binomial(
     """log ZINB, its derivatives in log mean, theta and the gate logits g, and
     :func:`_invalid`.
 
-    :func:`pyrosc.likelihoods._zero_inflate` around :func:`_negative_binomial`, with two
+    The zero inflation of :mod:`pyrosc._fast.eager` around :func:`_negative_binomial`, with two
     exponentials, one division and one log per element: with a = exp(-|g|) and b = exp(-|o|)
     for the odds o = log p - g, pi = sigmoid(g) and sigmoid(o) share the reciprocal of
     (1 + a)(1 + b); at a zero count the log-probability is softplus(o) - softplus(-g) =
@@ -238,22 +234,19 @@ class _FusedLogProb(torch.autograd.Function):
 
 
 def log_prob(
-    log_mean: Tensor,
-    theta: Tensor,
-    value: Tensor,
-    gene_terms: tuple[Tensor, ...],
-    gate_logits: Tensor | None = None,
+    log_mean: Tensor, theta: Tensor, value: Tensor, gate_logits: Tensor | None = None
 ) -> Tensor | None:
     """log NB(value | exp(log_mean), theta), or the ZINB with ``gate_logits``,
-    ``(cells, genes)``: differentiable in log mean and gate logits ``(cells, genes)`` and theta
-    ``(genes,)``, for
-    arguments that :func:`applies` accepts; None where the eager code must run instead
-    (compiling failed, or counts that are not non-negative integers).
-
-    ``gene_terms``: the flat float32 tables of E and F, R(theta), R'(theta) and 1 / theta, as
-    :func:`pyrosc.likelihoods._gene_terms` makes them.
+    ``(cells, genes)``, differentiable in log mean and gate logits ``(cells, genes)`` and theta
+    ``(genes,)``; None where the eager code must run instead: arguments that :func:`applies`
+    does not accept, compiling failed, or counts that are not non-negative integers.
     """
+    if not applies(log_mean, theta, value, gate_logits):
+        return None
+    terms = run("gene terms", tables.gene_terms, theta.detach())
+    if terms is None:
+        return None
     try:
-        return _FusedLogProb.apply(log_mean, theta, gate_logits, value, *gene_terms)
+        return _FusedLogProb.apply(log_mean, theta, gate_logits, value, *terms)
     except _Fallback:
         return None

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from pyro import validation_enabled as pyro_validation
 
-from pyrosc import fused
+from pyrosc import _fast
+from pyrosc._fast import compiled
 from pyrosc.likelihoods import count_distribution
 
 
@@ -58,7 +59,8 @@ def _fused_and_grads(likelihood: str, batch: dict[str, torch.Tensor], weights: t
     mean = batch["mean"].float().requires_grad_()
     theta = batch["theta"].float().requires_grad_()
     gate = batch["gate"].float().requires_grad_() if likelihood == "zinb" else None
-    log_prob = count_distribution(likelihood, mean, theta, gate).log_prob(batch["value"].float())
+    observation = count_distribution(likelihood, mean.log(), theta, gate)
+    log_prob = observation.log_prob(batch["value"].float())
     (log_prob * weights.float()).sum().backward()
     grads = [mean.grad, theta.grad] + ([gate.grad] if gate is not None else [])
     return log_prob.detach().double(), [g.double() for g in grads]
@@ -77,13 +79,13 @@ def _truth_and_grads(likelihood: str, batch: dict[str, torch.Tensor], weights: t
 def _counting_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the calls of each compiled kernel (to know which path ran)."""
     calls: dict[str, int] = {}
-    run = fused.run
+    run = compiled.run
 
     def counted(name, function, *args):
         calls[name] = calls.get(name, 0) + 1
         return run(name, function, *args)
 
-    monkeypatch.setattr(fused, "run", counted)
+    monkeypatch.setattr(compiled, "run", counted)
     return calls
 
 
@@ -142,14 +144,14 @@ def test_a_failed_compilation_warns_once_and_uses_the_eager_code(
 
         return compiled
 
-    monkeypatch.setattr(fused, "_KERNELS", {})
-    monkeypatch.setattr(fused, "_FAILED", [])
+    monkeypatch.setattr(compiled, "_KERNELS", {})
+    monkeypatch.setattr(compiled, "_FAILED", [])
     monkeypatch.setattr(torch, "compile", broken_compile)
     batch = _batch(seed=5)
     weights = torch.ones_like(batch["value"])
     with pytest.warns(RuntimeWarning, match="could not compile .*no C\\+\\+ compiler"):
         result = _fused_and_grads("nb", batch, weights)
-    assert not fused.enabled()
+    assert not compiled.enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning
         _fused_and_grads("nb", batch, weights)
@@ -159,17 +161,17 @@ def test_a_failed_compilation_warns_once_and_uses_the_eager_code(
 
 
 def test_applies_only_to_the_training_case(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fused, "_FAILED", [])  # as if compiling works, wherever this runs
+    monkeypatch.setattr(compiled, "_FAILED", [])  # as if compiling works, wherever this runs
     mean = torch.rand(8, 5, requires_grad=True)
     theta, value, gate = torch.rand(5), torch.ones(8, 5), torch.zeros(8, 5)
-    assert fused.applies(mean, theta, value, gate)
+    assert compiled.applies(mean, theta, value, gate)
     with torch.no_grad():
-        assert not fused.applies(mean, theta, value, gate)  # evaluation
-    assert not fused.applies(mean.detach(), theta, value)  # nothing to differentiate
-    assert not fused.applies(mean.double(), theta.double(), value.double())  # float64
-    assert not fused.applies(mean.expand(3, 8, 5), theta, value)  # particles / enumeration
-    assert not fused.applies(mean, torch.rand(8, 5), value)  # theta per cell
-    assert not fused.applies(mean, theta, value, gate[:1])  # a broadcast gate
+        assert not compiled.applies(mean, theta, value, gate)  # evaluation
+    assert not compiled.applies(mean.detach(), theta, value)  # nothing to differentiate
+    assert not compiled.applies(mean.double(), theta.double(), value.double())  # float64
+    assert not compiled.applies(mean.expand(3, 8, 5), theta, value)  # particles / enumeration
+    assert not compiled.applies(mean, torch.rand(8, 5), value)  # theta per cell
+    assert not compiled.applies(mean, theta, value, gate[:1])  # a broadcast gate
 
 
 def test_trace_graph_elbo_gradients_are_unchanged_by_the_fused_path(
@@ -190,7 +192,8 @@ def test_trace_graph_elbo_gradients_are_unchanged_by_the_fused_path(
         with pyro.plate("cells", 40):
             y = pyro.sample("y", dist.Categorical(logits=torch.zeros(3)))
             mean = centres[y].unsqueeze(-1).expand(40, 6) * (1 + 0 * logits.sum())
-            pyro.sample("counts", count_distribution("nb", mean, theta).to_event(1), obs=value)
+            observation = count_distribution("nb", mean=mean, inverse_dispersion=theta)
+            pyro.sample("counts", observation.to_event(1), obs=value)
 
     def guide():
         with pyro.plate("cells", 40):
@@ -207,3 +210,19 @@ def test_trace_graph_elbo_gradients_are_unchanged_by_the_fused_path(
     eager = gradient()
     assert torch.isfinite(fused_path).all()
     torch.testing.assert_close(fused_path, eager)
+
+
+def test_the_speed_path_steps_aside_off_the_cpu_and_for_counts_needing_a_gradient() -> None:
+    """Where the dispatch returns None the distributions run the reference form: on other
+    devices (its tables and rare cases would read values to the host; "meta" stands in for
+    CUDA here) and for counts that need a gradient."""
+    meta = [torch.empty(8, 5, device="meta") for _ in range(4)]
+    assert _fast.negative_binomial_log_prob(*meta[:3]) is None
+    assert _fast.negative_binomial_log_prob(*meta[:3], meta[3]) is None
+    value = torch.ones(8, 5, requires_grad=True)
+    assert _fast.negative_binomial_log_prob(torch.zeros(8, 5), torch.ones(5), value) is None
+    counts = value.detach()
+    assert _fast.negative_binomial_log_prob(torch.zeros(8, 5), torch.ones(5), counts) is not None
+    with pyro_validation(False):  # (validation reads values, which meta tensors do not have)
+        log_prob = count_distribution("zinb", *meta[:2], meta[3]).log_prob(meta[2])
+    assert log_prob.shape == (8, 5)
