@@ -1,0 +1,124 @@
+"""Frozen weights during a fit: what :func:`pyrosc.train.train` leaves exactly as it is.
+
+Reference mapping (:mod:`pyrosc.surgery`) trains a few new entries of a fitted model and keeps
+every reference weight to the bit. Two mechanisms, chosen per tensor:
+
+* A fully frozen tensor gets ``requires_grad=False`` for the fit: no gradient is computed for
+  it, Adam never sees it, and its weight decay never applies. That is where the speed of a
+  query fit comes from (a frozen encoder costs a forward pass only).
+* A partly frozen tensor (a first layer's weight with new covariate columns, a per-batch free
+  parameter with new rows) trains as a whole, and its frozen entries are written back from a
+  saved copy after every optimiser step: exact, whatever Adam's moments and weight decay did.
+
+Frozen BatchNorm layers stay in evaluation mode, so that their running statistics do not move.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+#: What ``pyro.module`` warns when it skips a parameter with ``requires_grad=False`` in training
+#: mode: the frozen tensors here, on purpose.
+_SKIPPED_PARAMETER = re.escape("was not registered in the param store because requires_grad=False")
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """What a fit must leave exactly as it is.
+
+    Attributes:
+        masks: parameter name -> boolean mask of its frozen entries (True: frozen), of the
+            parameter's shape. A name is one of ``networks.named_parameters()`` (e.g.
+            ``"decoder.expression.body.linears.0.weight"``) or of Pyro's parameter store (a
+            free parameter such as ``"inverse_dispersion"``, whose unconstrained value is
+            frozen). A parameter not named trains as usual.
+        eval_modules: names in ``networks.named_modules()`` of modules kept in evaluation mode
+            while training (frozen BatchNorm layers: their running statistics stay).
+    """
+
+    masks: Mapping[str, Tensor]
+    eval_modules: tuple[str, ...] = ()
+
+
+class FrozenFit:
+    """A :class:`Frozen` applied to the tensors of one fit (after the pair was traced once, so
+    that its free parameters exist in the parameter store).
+
+    Use as a context manager around the training loop: inside it, fully frozen tensors have
+    ``requires_grad=False``; on exit they get it back, so the networks leave the fit as plain
+    modules. Call :meth:`after_step` after each optimiser step and :meth:`keep_eval` after each
+    switch of the networks to training mode.
+
+    Raises:
+        ValueError: a mask names no parameter of the networks or the store, or has the wrong
+            shape; an eval module is not among the networks' modules.
+    """
+
+    def __init__(self, frozen: Frozen, networks: nn.Module | None) -> None:
+        modules = dict(networks.named_parameters()) if networks is not None else {}
+        store = dict(pyro.get_param_store().named_parameters())
+        self.fully: list[Tensor] = []
+        self.partly: list[tuple[Tensor, Tensor, Tensor]] = []
+        for name, mask in frozen.masks.items():
+            tensor = modules[name] if name in modules else store.get(name)
+            if tensor is None:
+                raise ValueError(
+                    f"frozen names {name!r}, which is neither a parameter of the networks nor a "
+                    "Pyro parameter of this fit; name parameters as networks.named_parameters() "
+                    "or pyro.get_param_store() do"
+                )
+            if mask.shape != tensor.shape:
+                raise ValueError(
+                    f"the frozen mask of {name!r} has shape {tuple(mask.shape)}, the parameter "
+                    f"{tuple(tensor.shape)}"
+                )
+            mask = mask.to(tensor.device, torch.bool)
+            if bool(mask.all()):
+                self.fully.append(tensor)
+            elif bool(mask.any()):
+                self.partly.append((tensor, mask, tensor.detach()[mask].clone()))
+        named_modules = dict(networks.named_modules()) if networks is not None else {}
+        unknown = [name for name in frozen.eval_modules if name not in named_modules]
+        if unknown:
+            raise ValueError(f"frozen eval_modules {unknown} are not modules of the networks")
+        self.eval_modules = [named_modules[name] for name in frozen.eval_modules]
+
+    def __enter__(self) -> FrozenFit:
+        for tensor in self.fully:
+            tensor.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for tensor in self.fully:
+            tensor.requires_grad_(True)
+
+    def after_step(self) -> None:
+        """Write the frozen entries of the partly frozen tensors back, bit for bit."""
+        with torch.no_grad():
+            for tensor, mask, saved in self.partly:
+                tensor[mask] = saved
+
+    def keep_eval(self) -> None:
+        """Put the frozen modules (BatchNorm) back in evaluation mode."""
+        for module in self.eval_modules:
+            module.eval()
+
+
+def quiet_about_frozen(loss_fn: Callable) -> Callable:
+    """``loss_fn`` without the warning ``pyro.module`` gives, in training mode, for each
+    parameter it skips because ``requires_grad=False``: with frozen tensors that is intended,
+    and the warning would repeat at every step. Other warnings pass."""
+
+    def loss(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f".*{_SKIPPED_PARAMETER}")
+            return loss_fn(*args, **kwargs)
+
+    return loss
