@@ -48,49 +48,42 @@ class Frozen:
 
 
 class FrozenFit:
-    """A :class:`Frozen` applied to the tensors of one fit (after the pair was traced once, so
-    that its free parameters exist in the parameter store).
+    """A :class:`Frozen` applied to the tensors of one fit.
 
-    Use as a context manager around the training loop: inside it, fully frozen tensors have
-    ``requires_grad=False``; on exit they get it back, so the networks leave the fit as plain
-    modules. Call :meth:`after_step` after each optimiser step and :meth:`keep_eval` after each
-    switch of the networks to training mode.
+    Made before the pair is first traced, it puts the frozen modules in evaluation mode at
+    once (a trace in training mode would move their running statistics). Entered around the
+    training loop (after that trace, so that the free parameters exist in the parameter store),
+    it gives fully frozen tensors ``requires_grad=False``; on exit they get it back, so the
+    networks leave the fit as plain modules. Call :meth:`after_step` after each optimiser step
+    and :meth:`keep_eval` after each switch of the networks to training mode.
 
     Raises:
-        ValueError: a mask names no parameter of the networks or the store, or has the wrong
-            shape; an eval module is not among the networks' modules.
+        ValueError: an eval module is not among the networks' modules; on entering, a mask
+            names no parameter of the networks or the store, or has the wrong shape.
     """
 
     def __init__(self, frozen: Frozen, networks: nn.Module | None) -> None:
-        modules = dict(networks.named_parameters()) if networks is not None else {}
-        store = dict(pyro.get_param_store().named_parameters())
-        self.fully: list[Tensor] = []
-        self.partly: list[tuple[Tensor, Tensor, Tensor]] = []
-        for name, mask in frozen.masks.items():
-            tensor = modules[name] if name in modules else store.get(name)
-            if tensor is None:
-                raise ValueError(
-                    f"frozen names {name!r}, which is neither a parameter of the networks nor a "
-                    "Pyro parameter of this fit; name parameters as networks.named_parameters() "
-                    "or pyro.get_param_store() do"
-                )
-            if mask.shape != tensor.shape:
-                raise ValueError(
-                    f"the frozen mask of {name!r} has shape {tuple(mask.shape)}, the parameter "
-                    f"{tuple(tensor.shape)}"
-                )
-            mask = mask.to(tensor.device, torch.bool)
-            if bool(mask.all()):
-                self.fully.append(tensor)
-            elif bool(mask.any()):
-                self.partly.append((tensor, mask, tensor.detach()[mask].clone()))
+        self.frozen, self.networks = frozen, networks
         named_modules = dict(networks.named_modules()) if networks is not None else {}
         unknown = [name for name in frozen.eval_modules if name not in named_modules]
         if unknown:
             raise ValueError(f"frozen eval_modules {unknown} are not modules of the networks")
         self.eval_modules = [named_modules[name] for name in frozen.eval_modules]
+        self.keep_eval()
+        self.fully: list[Tensor] = []
+        self.partly: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def __enter__(self) -> FrozenFit:
+        parameters = dict(pyro.get_param_store().named_parameters())
+        if self.networks is not None:
+            parameters |= dict(self.networks.named_parameters())
+        for name, mask in self.frozen.masks.items():
+            tensor = _parameter(parameters, name, mask)
+            mask = mask.to(tensor.device, torch.bool)
+            if bool(mask.all()):
+                self.fully.append(tensor)
+            elif bool(mask.any()):
+                self.partly.append((tensor, mask, tensor.detach()[mask].clone()))
         for tensor in self.fully:
             tensor.requires_grad_(False)
         return self
@@ -109,6 +102,23 @@ class FrozenFit:
         """Put the frozen modules (BatchNorm) back in evaluation mode."""
         for module in self.eval_modules:
             module.eval()
+
+
+def _parameter(parameters: dict[str, Tensor], name: str, mask: Tensor) -> Tensor:
+    """The parameter ``name`` of a fit, checked against its mask."""
+    if name not in parameters:
+        raise ValueError(
+            f"frozen names {name!r}, which is neither a parameter of the networks nor a Pyro "
+            "parameter of this fit; name parameters as networks.named_parameters() or "
+            "pyro.get_param_store() do"
+        )
+    tensor = parameters[name]
+    if mask.shape != tensor.shape:
+        raise ValueError(
+            f"the frozen mask of {name!r} has shape {tuple(mask.shape)}, the parameter "
+            f"{tuple(tensor.shape)}"
+        )
+    return tensor
 
 
 def quiet_about_frozen(loss_fn: Callable) -> Callable:

@@ -325,6 +325,7 @@ def train(
     validation_data = data.subset(validation_index) if len(validation_index) else None
     sampler = MinibatchSampler(train_data.n_cells, batch_size, shuffle=True, seed=seed)
 
+    freezing = FrozenFit(frozen or Frozen({}), networks)  # frozen BatchNorm in eval mode
     first = train_data.minibatch(next(iter(MinibatchSampler(train_data.n_cells, batch_size))))
     probe = {key: value.to(device) for key, value in first.items()} | {"n_cells": None}
     guide_trace, model_trace = trace_pair(model, guide, probe)
@@ -353,13 +354,12 @@ def train(
     kl_weight = ScaleLatents(1.0, annealed)
     warm_model, warm_guide = kl_weight(bind_data(model)), kl_weight(bind_data(guide))
     loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
-    freezing = FrozenFit(frozen or Frozen({}), networks)  # after the probe made the parameters
     if frozen is not None:
         loss_fn = quiet_about_frozen(loss_fn)
     optimizer = _Optimizer(lr)
     rows, best, best_value, since_best, steps = [], None, -np.inf, 0, 0
     bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
-    with freezing:
+    with freezing:  # after the probe: the free parameters exist
         for epoch in bar:
             start = time.perf_counter()
             kl_weight.weight = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
