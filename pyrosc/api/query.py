@@ -224,10 +224,9 @@ class ReferenceMapping:
         query.adata = adata
         options = QueryOptions(**meta["query"])
         _, _, networks = query._pair
-        params = {
-            "params": surgery.free_parameters(query._params, networks),
-            "constraints": dict(query._params["constraints"]),
-        }
+        free = surgery.free_parameters(query._params, networks)
+        constraints = {name: query._params["constraints"][name] for name in free}
+        params = {"params": free, "constraints": constraints}
         frozen = None
         if not options.unfrozen:
             frozen = surgery.frozen_reference(
