@@ -263,6 +263,52 @@ def split_cells(
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def align_genes(
+    adata: anndata.AnnData, var_names: Sequence[str], layer: str | None = None
+) -> anndata.AnnData:
+    """The counts of ``adata`` on the genes ``var_names`` (a fitted model's), matched by name and
+    put in that order, as a new AnnData; ``adata`` is not modified.
+
+    Genes of ``var_names`` that ``adata`` lacks are filled with zeros; genes of ``adata`` not in
+    ``var_names`` are dropped; one warning says how many of each (and names a few).
+
+    Args:
+        adata: (cells, genes) raw counts in ``adata.X`` or ``adata.layers[layer]``.
+        var_names: (genes,) the genes to keep, in order.
+        layer: the layer holding the counts (None: ``adata.X``); the result holds them in the
+            same place.
+
+    Returns:
+        AnnData (cells, len(var_names)) with a copy of ``adata.obs``; CSR if the input was
+        sparse.
+
+    Raises:
+        ValueError: duplicated gene names, an unknown layer, or fewer than half of
+            ``var_names`` present in ``adata`` (the genes are probably named differently).
+    """
+    checks.check_anndata(adata)
+    checks.check_unique_names(adata)
+    var_names = pd.Index([str(name) for name in var_names])
+    matrix = checks.count_matrix(adata, layer)
+    positions = pd.Index([str(name) for name in adata.var_names]).get_indexer(var_names)
+    present = positions >= 0
+    checks.check_shared_genes(var_names, adata.var_names, present)
+    if sp.issparse(matrix):
+        # A 0/1 selection matrix: column j of the product is gene positions[j], or zeros.
+        selection = sp.csr_matrix(
+            (np.ones(present.sum(), matrix.dtype), (positions[present], np.flatnonzero(present))),
+            shape=(adata.n_vars, len(var_names)),
+        )
+        aligned = (matrix @ selection).tocsr()
+    else:
+        aligned = np.zeros((adata.n_obs, len(var_names)), matrix.dtype)
+        aligned[:, present] = matrix[:, positions[present]]
+    var = pd.DataFrame(index=var_names)
+    if layer is None:
+        return anndata.AnnData(aligned, obs=adata.obs.copy(), var=var)
+    return anndata.AnnData(obs=adata.obs.copy(), var=var, layers={layer: aligned})
+
+
 def _encode(
     adata: anndata.AnnData, key: str, known: list[str] | None
 ) -> tuple[np.ndarray, list[str]]:

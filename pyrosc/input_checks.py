@@ -280,6 +280,34 @@ def warn_genes_without_counts(
         )
 
 
+def check_shared_genes(var_names: pd.Index, query_names: pd.Index, present: np.ndarray) -> None:
+    """Raise if fewer than half of a model's genes ``var_names`` are among ``query_names`` (the
+    genes of new data; ``present``: (len(var_names),) bool), else warn of those missing and of
+    the query's genes the model lacks, if any."""
+    missing = var_names[~present]
+    extra = pd.Index(query_names).difference(var_names, sort=False)
+    if present.sum() * 2 < len(var_names):
+        raise ValueError(
+            f"only {int(present.sum()):,} of the model's {len(var_names):,} genes are among the "
+            f"{len(query_names):,} genes of the new data (model genes e.g. {quoted(var_names)}; "
+            f"new data e.g. {quoted(query_names)}); mapping needs at least half. Check that both "
+            "name genes the same way (symbols or Ensembl IDs) and come from the same species."
+        )
+    if len(missing) or len(extra):
+        warnings.warn(
+            f"{len(missing):,} of the model's {len(var_names):,} genes are missing from the new "
+            f"data and are filled with zeros{_examples(missing)}; {len(extra):,} genes of the "
+            f"new data that the model lacks are dropped{_examples(extra)}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _examples(names: pd.Index) -> str:
+    """A few of ``names`` for a message, as ` (e.g. 'a', 'b')`; empty for no names."""
+    return f" (e.g. {quoted(names)})" if len(names) else ""
+
+
 def _offending(
     matrix: sp.csr_matrix | np.ndarray,
     is_bad: Callable[[np.ndarray], np.ndarray],

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from pyrosc.data import CountData, MinibatchSampler, split_cells
 from pyrosc.evaluate import elbo, per_dimension_log_prob
+from pyrosc.freezing import Frozen, FrozenFit, quiet_about_frozen
 from pyrosc.traces import bind_data, data_kwargs, plate_nesting, trace_pair
 
 
@@ -154,9 +155,10 @@ def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
 
 
 class _Optimizer:
-    """Adam over every parameter of the Pyro parameter store, including parameters that first
-    appear after the first step (a site reached only by some minibatches, a parameter created
-    lazily): they join the optimiser at the step that creates them."""
+    """Adam over every parameter of the Pyro parameter store that requires a gradient,
+    including parameters that first appear after the first step (a site reached only by some
+    minibatches, a parameter created lazily): they join the optimiser at the step that creates
+    them."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
@@ -167,11 +169,18 @@ class _Optimizer:
         store = pyro.get_param_store()
         if len(self.known) != len(store):
             new = [p for _, p in store.named_parameters() if id(p) not in self.known]
-            if self.adam is None:
-                self.adam = _adam(new, self.lr)
-            elif new:
-                self.adam.add_param_group({"params": new})
             self.known |= {id(p) for p in new}
+            # Fully frozen tensors (pyrosc.freezing) never join: no step, no weight decay.
+            trained = [p for p in new if p.requires_grad]
+            if self.adam is None:
+                if not trained:
+                    raise ValueError(
+                        "every parameter is frozen: there is nothing to train (a query with no "
+                        "category new to its reference needs no fit: ask it directly)"
+                    )
+                self.adam = _adam(trained, self.lr)
+            elif trained:
+                self.adam.add_param_group({"params": trained})
         self.adam.zero_grad(set_to_none=True)
         loss.backward()
         self.adam.step()
@@ -244,6 +253,7 @@ def train(
     patience: int | None = None,
     kl_warmup_epochs: int = 0,
     free_bits: float = 0.0,
+    frozen: Frozen | None = None,
     check_every_step: bool = False,
     seed: int = 0,
     device: str | torch.device = "auto",
@@ -276,6 +286,9 @@ def train(
         kl_warmup_epochs: the KL weight of the sites the model marks with
             ``infer={"kl_warmup": True}`` rises linearly from 0 to 1 over this many epochs.
         free_bits: nats per latent dimension exempt from the KL penalty (0 turns it off).
+        frozen: parameters (or some of their entries) to leave exactly as they are, and
+            modules to keep in evaluation mode (reference mapping; see
+            :class:`pyrosc.freezing.Frozen`). Fully frozen tensors compute no gradient.
         check_every_step: keep Pyro's validation (if the caller enabled it) on every step. By
             default it runs on the first step only: its support, shape and NaN checks catch a
             broken model at once, and cost ~10 % of each later step.
@@ -289,7 +302,7 @@ def train(
     Raises:
         ValueError: an option out of range, or one that does not apply (``patience`` without
             early stopping, ``kl_warmup_epochs`` for a model that marks no site, free bits with
-            enumerated sites).
+            enumerated sites), a frozen mask naming no parameter, or everything frozen.
     """
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
@@ -312,6 +325,7 @@ def train(
     validation_data = data.subset(validation_index) if len(validation_index) else None
     sampler = MinibatchSampler(train_data.n_cells, batch_size, shuffle=True, seed=seed)
 
+    freezing = FrozenFit(frozen or Frozen({}), networks)  # frozen BatchNorm in eval mode
     first = train_data.minibatch(next(iter(MinibatchSampler(train_data.n_cells, batch_size))))
     probe = {key: value.to(device) for key, value in first.items()} | {"n_cells": None}
     guide_trace, model_trace = trace_pair(model, guide, probe)
@@ -340,55 +354,60 @@ def train(
     kl_weight = ScaleLatents(1.0, annealed)
     warm_model, warm_guide = kl_weight(bind_data(model)), kl_weight(bind_data(guide))
     loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
+    if frozen is not None:
+        loss_fn = quiet_about_frozen(loss_fn)
     optimizer = _Optimizer(lr)
     rows, best, best_value, since_best, steps = [], None, -np.inf, 0, 0
     bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
-    for epoch in bar:
-        start = time.perf_counter()
-        kl_weight.weight = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
-        if networks is not None:
-            networks.train()
-        total_loss = torch.zeros((), device=device)
-        for index in sampler:
-            minibatch = train_data.minibatch(index, device) | {"n_cells": train_data.n_cells}
-            # The counts were validated on the way in; see check_every_step.
-            with pyro.validation_enabled(pyro_validation and (steps == 0 or check_every_step)):
-                loss = loss_fn(warm_model, warm_guide, **minibatch)
-            # The minibatch estimates the loss of all training cells; per cell it has the
-            # scale scvi-tools optimises, which Adam's eps is relative to.
-            optimizer.step(loss / train_data.n_cells)
-            total_loss += loss.detach()
-            steps += 1
-        total_loss = float(total_loss)
-        train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
-        if not np.isfinite(train_elbo):
-            raise FloatingPointError(
-                f"training diverged at epoch {epoch}: the ELBO is {train_elbo}; "
-                f"try a smaller learning rate than lr={lr}"
+    with freezing:  # after the probe: the free parameters exist
+        for epoch in bar:
+            start = time.perf_counter()
+            kl_weight.weight = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
+            if networks is not None:
+                networks.train()
+                freezing.keep_eval()
+            total_loss = torch.zeros((), device=device)
+            for index in sampler:
+                minibatch = train_data.minibatch(index, device) | {"n_cells": train_data.n_cells}
+                # The counts were validated on the way in; see check_every_step.
+                with pyro.validation_enabled(pyro_validation and (steps == 0 or check_every_step)):
+                    loss = loss_fn(warm_model, warm_guide, **minibatch)
+                # The minibatch estimates the loss of all training cells; per cell it has the
+                # scale scvi-tools optimises, which Adam's eps is relative to.
+                optimizer.step(loss / train_data.n_cells)
+                freezing.after_step()
+                total_loss += loss.detach()
+                steps += 1
+            total_loss = float(total_loss)
+            train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
+            if not np.isfinite(train_elbo):
+                raise FloatingPointError(
+                    f"training diverged at epoch {epoch}: the ELBO is {train_elbo}; "
+                    f"try a smaller learning rate than lr={lr}"
+                )
+            validation_elbo = np.nan
+            if validation_data is not None:
+                validation_elbo = float(
+                    elbo(model, guide, validation_data, networks=networks, device=device).mean()
+                )
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "kl_weight": kl_weight.weight,
+                    "train_elbo": train_elbo,
+                    "validation_elbo": validation_elbo,
+                    "seconds": time.perf_counter() - start,
+                }
             )
-        validation_elbo = np.nan
-        if validation_data is not None:
-            validation_elbo = float(
-                elbo(model, guide, validation_data, networks=networks, device=device).mean()
-            )
-        rows.append(
-            {
-                "epoch": epoch,
-                "kl_weight": kl_weight.weight,
-                "train_elbo": train_elbo,
-                "validation_elbo": validation_elbo,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-        bar.set_postfix(elbo=f"{train_elbo:.1f}", validation=f"{validation_elbo:.1f}")
-        if not early_stopping:
-            continue
-        if validation_elbo > best_value:
-            best, best_value, since_best = (epoch, _snapshot(networks)), validation_elbo, 0
-        else:
-            since_best += 1
-            if since_best >= patience:
-                break
+            bar.set_postfix(elbo=f"{train_elbo:.1f}", validation=f"{validation_elbo:.1f}")
+            if not early_stopping:
+                continue
+            if validation_elbo > best_value:
+                best, best_value, since_best = (epoch, _snapshot(networks)), validation_elbo, 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
     bar.close()
     best_epoch = rows[-1]["epoch"]
     if early_stopping and best is not None:

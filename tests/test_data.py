@@ -13,7 +13,7 @@ import torch
 from conftest import dense, log_normalise, make_adata
 
 import pyrosc
-from pyrosc.data import CountData, MinibatchSampler, from_anndata, split_cells
+from pyrosc.data import CountData, MinibatchSampler, align_genes, from_anndata, split_cells
 
 # ----------------------------------------------------------------------------- good input
 
@@ -22,6 +22,25 @@ from pyrosc.data import CountData, MinibatchSampler, from_anndata, split_cells
 def test_select_genes_rejects_a_bad_number_of_genes(n_top_genes):
     with pytest.raises(ValueError, match="n_top_genes must be"):
         pyrosc.select_genes(make_adata(), n_top_genes)
+
+
+@pytest.mark.parametrize("layer", [None, "counts"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_align_genes_matches_by_name_with_zeros_for_missing_genes(sparse, layer):
+    adata = make_adata(sparse=sparse)  # gene0 ... gene7
+    if layer is not None:
+        adata.layers[layer] = adata.X.copy()
+    untouched = dense(adata.X).copy()
+    wanted = ["gene3", "new", "gene0", "gene7", "gene5"]
+    with pytest.warns(UserWarning, match=r"1 of the model's 5 genes are missing .*'new'.*; 4 "):
+        aligned = align_genes(adata, wanted, layer)
+    matrix = aligned.X if layer is None else aligned.layers[layer]
+    assert sp.issparse(matrix) == sparse and list(aligned.var_names) == wanted
+    expected = np.zeros((adata.n_obs, 5), np.float32)
+    expected[:, [0, 2, 3, 4]] = untouched[:, [3, 0, 7, 5]]
+    np.testing.assert_array_equal(dense(matrix), expected)
+    assert aligned.obs.equals(adata.obs)
+    np.testing.assert_array_equal(dense(adata.X), untouched)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float32, np.float64])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import numpy as np
@@ -13,6 +14,7 @@ from pyro.infer import Trace_ELBO
 
 from pyrosc import VAE, traces
 from pyrosc.data import from_anndata
+from pyrosc.freezing import Frozen
 from pyrosc.guides import vae_guide
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
@@ -184,3 +186,42 @@ def test_bad_training_options(toy_adata):
         train(model, guide, data, early_stopping=True, validation_fraction=0, progress=False)
     with pytest.raises(ValueError, match="max_epochs must be at least 1"):
         train(model, guide, data, max_epochs=0, progress=False)
+
+
+def test_frozen_entries_stay_to_the_bit_and_fully_frozen_tensors_get_no_gradient(toy_adata):
+    data = from_anndata(toy_adata)
+    encoder, decoder = GaussianEncoder(data.n_genes, 3, 8), CountDecoder(3, data.n_genes, 8)
+    networks = torch.nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+    model = partial(vae_model, decoder=decoder, likelihood="nb")
+    guide = partial(vae_guide, encoder=encoder)
+    rows = torch.zeros(data.n_genes, 8, dtype=torch.bool)
+    rows[:5] = True  # the first 5 genes' rows of the output layer
+    frozen = Frozen(
+        masks={
+            "encoder.body.linears.0.weight": torch.ones(8, data.n_genes, dtype=torch.bool),
+            "decoder.proportion_logits.weight": rows,
+            "inverse_dispersion": torch.ones(data.n_genes, dtype=torch.bool),
+        },
+        eval_modules=("encoder.body.norms.0",),
+    )
+    before = {k: v.clone() for k, v in networks.state_dict().items()}
+    options = {"max_epochs": 3, "lr": 1e-2, "validation_fraction": 0, "progress": False}
+    with pyro.get_param_store().scope(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, guide, data, networks=networks, frozen=frozen, **options)
+        theta = pyro.param("inverse_dispersion").detach()
+    assert not [w for w in caught if "requires_grad=False" in str(w.message)]  # silenced
+    after = networks.state_dict()
+    weight = "decoder.proportion_logits.weight"
+    assert torch.equal(after[weight][:5], before[weight][:5])  # despite Adam's weight decay
+    assert not torch.equal(after[weight][5:], before[weight][5:])
+    assert torch.equal(theta, torch.ones(data.n_genes))  # its initial value
+    for name in ("encoder.body.linears.0.weight", "encoder.body.norms.0.running_mean"):
+        assert torch.equal(after[name], before[name]), name
+    moving = "decoder.body.norms.0.running_mean"  # not frozen: its statistics move
+    assert not torch.equal(after[moving], before[moving])
+    first_layer = encoder.body.linears[0].weight
+    assert first_layer.grad is None and first_layer.requires_grad  # no gradient; given back
+    wrong = Frozen(masks={"encoder.weight": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="frozen names 'encoder.weight'"):
+        train(model, guide, data, networks=networks, frozen=wrong, **options)

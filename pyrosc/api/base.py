@@ -25,6 +25,7 @@ from torch import nn
 from pyrosc import evaluate, predictive, predictive_checks, traces
 from pyrosc.api import persistence
 from pyrosc.data import CountData, from_anndata, split_cells
+from pyrosc.freezing import Frozen
 from pyrosc.likelihoods import LIKELIHOODS
 from pyrosc.nets import check_sizes
 from pyrosc.train import TrainResult, resolve_device, train
@@ -84,6 +85,17 @@ class PyroscModel:
         """What a fit computes from its training cells (``self._split[0]``) before the networks
         are built; nothing by default (the GMVAE's warm start)."""
 
+    def _start_state(self) -> dict | None:
+        """Called by :meth:`fit` after :meth:`_build`: set the networks to the state training
+        starts from and return the Pyro parameter-store state it starts from. By default the
+        networks as built and no parameters (each is created at its initial value); a query
+        (:mod:`pyrosc.api.query`) starts from the reference's."""
+        return None
+
+    def _frozen(self) -> Frozen | None:
+        """What a fit leaves frozen (:class:`pyrosc.freezing.Frozen`); nothing by default."""
+        return None
+
     # -- fitting ---------------------------------------------------------------------------
 
     def fit(
@@ -106,7 +118,8 @@ class PyroscModel:
         ``seed``, or given as ``split``), and everything the fit computes from data (the
         GMVAE's warm start, the scVI library prior, the training steps) sees only its training
         cells. With ``validation_fraction=0`` every cell trains (the benchmark setting).
-        Refitting starts again from fresh networks and parameters.
+        Refitting starts again from fresh networks and parameters (a query mapped onto a
+        reference: from the reference's, see :meth:`load_query_data`).
 
         Args:
             split: ``(train_index, validation_index)``, cell positions, instead of a drawn
@@ -121,7 +134,7 @@ class PyroscModel:
         pyro.set_rng_seed(seed)  # the networks' initial weights depend on the seed too
         self._pair = self._build()
         model, guide, networks = self._pair
-        with pyro.get_param_store().scope() as params:
+        with pyro.get_param_store().scope(self._start_state()) as params:
             self.train_result = train(
                 model,
                 guide,
@@ -135,6 +148,7 @@ class PyroscModel:
                 seed=seed,
                 device=self.device,
                 progress=progress,
+                frozen=self._frozen(),
                 **train_options,
             )
         self._params = params

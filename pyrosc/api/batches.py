@@ -3,7 +3,9 @@ if from another (a counterfactual), and normalised expression in a chosen batch.
 
 :class:`BatchModel` is the base of the notebook classes whose decoder sees a batch
 (``batch_key``, the first categorical covariate) and other categorical covariates: today
-:class:`pyrosc.api.SCVI`. A model without batches has none of these arguments.
+:class:`pyrosc.api.SCVI`. A model without batches has none of these arguments. Through
+:class:`pyrosc.api.query.ReferenceMapping`, each such class also maps a query onto a fitted
+reference (``load_query_data``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import numpy as np
 
 from pyrosc import predictive
 from pyrosc.api.base import PyroscModel
+from pyrosc.api.query import ReferenceMapping
 
 
-class BatchModel(PyroscModel):
+class BatchModel(ReferenceMapping, PyroscModel):
     """A :class:`PyroscModel` set up with ``batch_key`` (None: one batch) and categorical
-    covariates, whose questions can name the batch and covariates to decode in."""
+    covariates, whose questions can name the batch and covariates to decode in, and onto which
+    a query can be mapped (:meth:`load_query_data`)."""
 
     def _refuse_batches(self, argument: str) -> ValueError:
         """The error for a batch asked of a model set up without a ``batch_key``."""

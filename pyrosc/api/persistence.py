@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 FORMAT = 1
 
 
-def save(model: PyroscModel, path: str | Path) -> Path:
-    """Write the fitted ``model`` to the directory ``path`` (created if needed)."""
+def save(model: PyroscModel, path: str | Path, extra: dict | None = None) -> Path:
+    """Write the fitted ``model`` to the directory ``path`` (created if needed), with the
+    JSON-able ``extra`` entries (e.g. a query's reference sizes) in ``config.json``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with model._scope() as (_, _, networks):
@@ -47,10 +48,16 @@ def save(model: PyroscModel, path: str | Path) -> Path:
         "config": model.config,
         "var_names": list(map(str, model.data.var_names)),
         "covariate_categories": model.data.covariate_categories,
+        **(extra or {}),
     }
     (path / "config.json").write_text(json.dumps(meta, indent=2))
     model.history.to_csv(path / "history.csv", index=False)
     return path
+
+
+def read_meta(path: str | Path) -> dict:
+    """The JSON of ``config.json`` in the saved model directory ``path``."""
+    return json.loads((Path(path) / "config.json").read_text())
 
 
 def load(
@@ -58,7 +65,7 @@ def load(
 ) -> PyroscModel:
     """A ``cls`` written by :func:`save`, set up on ``adata`` (the same genes), fitted."""
     path = Path(path)
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_meta(path)
     if meta.get("class") != cls.__name__:
         raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
     if [str(v) for v in adata.var_names] != meta["var_names"]:

@@ -119,13 +119,35 @@ class SCVI(BatchModel):
 
     def _library_prior(self) -> LibraryPrior:
         """The prior of the latent library from the fit's training cells; at load (no split)
-        a placeholder of the right shape, into which the saved prior is then loaded."""
+        and for a query (whose prior is the reference's, extended) a placeholder of the right
+        shape, into which the prior is then loaded."""
         names, key = self._batch_names(), self.config["batch_key"]
-        if self._split is None:
+        if self._split is None or self.is_query:
             return LibraryPrior(torch.zeros(len(names)), torch.ones(len(names)))
         cells = self._split[0]
         batch = np.zeros(len(cells), np.int64) if key is None else self.data.covariates[key][cells]
         return LibraryPrior.from_library(self.data.library[cells], batch, names)
+
+    def _grow_for_query(self, networks: nn.ModuleDict, reference_sizes: dict[str, int]) -> None:
+        """The latent library's prior for the query's new batches: the mean and spread of the
+        log library sizes of their cells (:meth:`LibraryPrior.from_library`); the reference's
+        batches keep theirs."""
+        key = self.config["batch_key"]
+        if self.config["library"] != "latent" or key is None:
+            return
+        n_reference, batch = reference_sizes[key], self.data.covariates[key]
+        new = batch >= n_reference
+        if not new.any():
+            return
+        reference_prior = networks["library_prior"]
+        names = self._batch_names()[n_reference:]
+        query_prior = LibraryPrior.from_library(
+            self.data.library[new], batch[new] - n_reference, names
+        ).to(reference_prior.loc.device)
+        networks["library_prior"] = LibraryPrior(
+            torch.cat([reference_prior.loc, query_prior.loc]),
+            torch.cat([reference_prior.scale, query_prior.scale]),
+        )
 
     def _build(self) -> tuple[Callable, Callable, nn.Module]:
         c, data = self.config, self.data
