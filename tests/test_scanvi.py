@@ -29,6 +29,8 @@ from pyrosc.nets import Classifier, GaussianEncoder, ScviDecoder
 from pyrosc.traces import bind_data, vectorize
 from pyrosc.train import annealed_sites
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny networks: one thread is faster
+
 K, LATENT, CELLS, GENES = 3, 2, 6, 5
 MIXED = torch.tensor([0, -1, 2, -1, 1, -1])  # labelled and unlabelled cells in one minibatch
 
@@ -171,7 +173,7 @@ def test_predicts_the_hidden_labels(annotated):
     model = pyrosc.SCANVI(
         adata, "annotation", "Unknown", batch_key="batch", n_latent=4, n_hidden=32
     )
-    model.fit(progress=False, **QUICK)
+    model.fit(progress=False, **QUICK | {"max_epochs": 15})
     assert model.train_result.elbo_name == "TraceEnum_ELBO"
     assert _hidden_accuracy(model, hidden, truth) >= 0.9
     probs = model.predict(soft=True)
@@ -183,7 +185,7 @@ def test_predicts_the_hidden_labels(annotated):
 def test_from_scvi_starts_from_its_networks_and_dispersion(annotated):
     adata, hidden, truth = annotated
     scvi = pyrosc.SCVI(adata, batch_key="batch", likelihood="nb", n_latent=4, n_hidden=32)
-    scvi.fit(progress=False, **QUICK)
+    scvi.fit(progress=False, **QUICK | {"max_epochs": 10})
     model = pyrosc.SCANVI.from_scvi(scvi, "annotation", "Unknown")
     assert model.config["likelihood"] == "nb" and model.config["batch_key"] == "batch"
     start, _, networks = model._build()
@@ -193,7 +195,7 @@ def test_from_scvi_starts_from_its_networks_and_dispersion(annotated):
                 torch.testing.assert_close(networks[name].state_dict()[key], value)
         theta = pyro.param("inverse_dispersion").detach()
     torch.testing.assert_close(start.keywords["inverse_dispersion_init"], theta)
-    model.fit(progress=False, **QUICK | {"max_epochs": 10})
+    model.fit(progress=False, **QUICK | {"max_epochs": 3})
     assert _hidden_accuracy(model, hidden, truth) >= 0.9
 
 
