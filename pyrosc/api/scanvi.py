@@ -36,6 +36,9 @@ class SCANVI(SCVI):
     :class:`SCVI`. ``y`` is observed where a cell is labelled and summed out exactly
     (``TraceEnum_ELBO``) where it is not; see :func:`pyrosc.models.scanvi.scanvi_model`.
     :meth:`latent` gives the posterior mean of ``z1``; :meth:`predict` the classifier's types.
+    :meth:`elbo` and :meth:`log_likelihood` score ``log p(x, label)`` for a labelled cell and
+    ``log p(x)`` for an unlabelled one (new cells are unlabelled); they leave the
+    classification term out.
 
     Args:
         adata: raw counts in ``adata.X`` or ``adata.layers[layer]``, cells x genes.
