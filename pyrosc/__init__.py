@@ -1,18 +1,20 @@
 """pyrosc: deep generative models of single-cell RNA-seq counts, as Pyro model/guide pairs.
 
-Analysts use the classes (``pyrosc.VAE``, ``pyrosc.GMVAE``, ``pyrosc.SCVI``); statisticians use
-the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.guides`, :func:`pyrosc.train.train`,
-:mod:`pyrosc.evaluate`, :mod:`pyrosc.predictive`, :mod:`pyrosc.predictive_checks`).
+Analysts use the classes (``pyrosc.VAE``, ``pyrosc.GMVAE``, ``pyrosc.SCVI``, ``pyrosc.SCANVI``);
+statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.guides`,
+:func:`pyrosc.train.train`, :mod:`pyrosc.evaluate`, :mod:`pyrosc.predictive`,
+:mod:`pyrosc.predictive_checks`).
 """
 
 from pyrosc import datasets, evaluate, predictive, predictive_checks
-from pyrosc.api import GMVAE, SCVI, VAE
+from pyrosc.api import GMVAE, SCANVI, SCVI, VAE
 from pyrosc.data import from_anndata, select_genes
 from pyrosc.predictive import simulate
 from pyrosc.train import train
 
 __all__ = [
     "GMVAE",
+    "SCANVI",
     "SCVI",
     "VAE",
     "datasets",

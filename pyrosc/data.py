@@ -41,6 +41,10 @@ class CountData:
         continuous_covariate_keys: the obs columns of ``continuous_covariates``.
         cell_index: (cells,) int64 position of each cell in the dataset it was validated from
             (``arange(cells)``; a :meth:`subset` keeps the original positions).
+        label: (cells,) int64 codes of the cell types a semi-supervised model learns from, -1
+            where a cell is unlabelled; None (the default) for the models that take no labels.
+            Set by the model that encodes them (:class:`pyrosc.SCANVI`), not by
+            :func:`from_anndata`.
     """
 
     counts: sp.csr_matrix | np.ndarray
@@ -53,6 +57,7 @@ class CountData:
     continuous_covariates: np.ndarray
     continuous_covariate_keys: tuple[str, ...]
     cell_index: np.ndarray
+    label: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -80,6 +85,7 @@ class CountData:
             continuous_covariates=self.continuous_covariates[index],
             continuous_covariate_keys=self.continuous_covariate_keys,
             cell_index=self.cell_index[index],
+            label=None if self.label is None else self.label[index],
         )
 
     def minibatch(
@@ -94,7 +100,8 @@ class CountData:
             (shape (B, 0) when there are none); ``continuous_covariates``: (B, k) float32
             (shape (B, 0) when there are none); ``cell_index``: (B,) int64 positions of the
             cells in the dataset (see :attr:`cell_index`), the indices the ``cells`` plate
-            subsamples.
+            subsamples; and, when the data has them, ``label``: (B,) int64 codes (-1:
+            unlabelled, see :attr:`label`).
         """
         index = _positions(index)
         rows = self.counts[index]
@@ -111,6 +118,8 @@ class CountData:
             "continuous_covariates": self.continuous_covariates[index],
             "cell_index": self.cell_index[index],
         }
+        if self.label is not None:
+            arrays["label"] = self.label[index]
         return {
             name: torch.from_numpy(array).to(device, non_blocking=True)
             for name, array in arrays.items()

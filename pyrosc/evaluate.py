@@ -13,7 +13,9 @@ grows (Burda et al. 2016). :func:`cell_scores` reports it per cell, with each ge
 posterior-mean log-likelihood (:func:`gene_log_likelihood`) beside it.
 
 Nothing here knows which model it was given: per-cell terms are found from the plate named
-``cells`` that every local site lives in.
+``cells`` that every local site lives in. A ``pyro.factor`` in a guide (scANVI's classification
+term) is part of the objective the trainer optimises, not of ``q``'s density: the ELBO and the
+log-likelihood here leave it out.
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ def elbo_terms(
     if n_model:
         log_joint = log_joint.logsumexp(dim=tuple(range(n_model)))
     log_q = log_q.reshape((1,) * (log_joint.dim() - log_q.dim()) + log_q.shape)
-    terms = log_q.exp() * (log_joint - log_q)
+    # A value the guide gives probability 0 adds nothing (TraceEnum_ELBO drops it too), even
+    # where its terms are infinite (scANVI's labelled cells: q(y) is a point mass).
+    terms = torch.where(log_q > -math.inf, log_q.exp() * (log_joint - log_q), 0.0)
     return terms.sum(dim=tuple(range(n_guide))) if n_guide else terms
 
 
@@ -168,6 +172,8 @@ def _log_terms(
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
+            if trace is guide_trace and site["is_observed"]:
+                continue  # a guide's pyro.factor: a term of the training objective, not of q
             term = _per_cell_log_prob(site, rank)
             if trace is guide_trace and _is_enumerated(site):
                 log_q = term if log_q is None else log_q + term
@@ -334,8 +340,9 @@ def elbo(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Per-cell evidence lower bound, ``E_q[log p(x, z) - log q(z | x)]``, estimated with
-    ``n_samples`` draws: the bound the trainer optimises, with sites the guide enumerates
-    averaged over exactly (see :func:`elbo_terms`). Same arguments as :func:`log_likelihood`.
+    ``n_samples`` draws: the bound the trainer optimises (less a guide's factor, e.g. scANVI's
+    classification term), with sites the guide enumerates averaged over exactly (see
+    :func:`elbo_terms`). Same arguments as :func:`log_likelihood`.
 
     Returns:
         ``(cells,)`` float64 ELBO values in nats.

@@ -44,6 +44,8 @@ class PyroscModel:
         history: per-epoch training history (a DataFrame) after :meth:`fit`.
     """
 
+    _latent_site = "z"  # the site whose posterior mean latent() reports
+
     def __init__(self, adata: ad.AnnData, **config: Any) -> None:
         likelihood = config.get("likelihood")
         if likelihood not in LIKELIHOODS:
@@ -241,7 +243,7 @@ class PyroscModel:
             for start in range(0, data.n_cells, batch_size):
                 index = np.arange(start, min(start + batch_size, data.n_cells))
                 minibatch = data.minibatch(index, self.device)
-                chunks.append(evaluate.posterior_mean(guide, minibatch, "z").cpu())
+                chunks.append(evaluate.posterior_mean(guide, minibatch, self._latent_site).cpu())
         return torch.cat(chunks).numpy()
 
     def log_likelihood(self, adata: ad.AnnData | None = None, n_samples: int = 200) -> np.ndarray:

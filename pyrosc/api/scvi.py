@@ -149,7 +149,9 @@ class SCVI(BatchModel):
             torch.cat([reference_prior.scale, query_prior.scale]),
         )
 
-    def _build(self) -> tuple[Callable, Callable, nn.Module]:
+    def _networks(self) -> nn.ModuleDict:
+        """scVI's networks sized from ``self.data``: ``encoder`` and ``decoder`` and, for a
+        latent library, ``library_encoder`` and ``library_prior``."""
         c, data = self.config, self.data
         covariate_sizes = [len(data.covariate_categories[key]) for key in data.covariates]
         n_continuous = len(data.continuous_covariate_keys)
@@ -195,13 +197,28 @@ class SCVI(BatchModel):
                     float(library_prior.scale.square().mean().log())
                 )
             networks.update({"library_encoder": library_encoder, "library_prior": library_prior})
+        return networks
+
+    def _build(self) -> tuple[Callable, Callable, nn.Module]:
+        networks, c = self._networks(), self.config
+        library_encoder, library_prior = library_networks(networks)
         model = partial(
             scvi_model,
-            decoder=decoder,
+            decoder=networks["decoder"],
             library_prior=library_prior,
             likelihood=c["likelihood"],
             dispersion=c["dispersion"],
             n_batches=len(self._batch_names()),
         )
-        guide = partial(scvi_guide, encoder=encoder, library_encoder=library_encoder)
+        guide = partial(scvi_guide, encoder=networks["encoder"], library_encoder=library_encoder)
         return model, guide, networks
+
+
+def library_networks(
+    networks: nn.ModuleDict,
+) -> tuple[GaussianEncoder | None, LibraryPrior | None]:
+    """The encoder of ``q(l | x)`` and the library prior among scVI's ``networks``; both None
+    when the library is observed."""
+    if "library_prior" not in networks:
+        return None, None
+    return networks["library_encoder"], networks["library_prior"]

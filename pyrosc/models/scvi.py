@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pyrosc.likelihoods import count_distribution, gene_inverse_dispersion, uses_dispersion
+from pyrosc.likelihoods import count_distribution, uses_dispersion
 from pyrosc.nets import ScviDecoder
 from pyrosc.plates import cells_plate
 
@@ -125,7 +125,7 @@ def scvi_model(
         raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
     pyro.module("decoder", decoder)
     n_latent = decoder.n_input
-    inverse_dispersion = _free_inverse_dispersion(counts, batch, likelihood, dispersion, n_batches)
+    inverse_dispersion = free_inverse_dispersion(counts, batch, likelihood, dispersion, n_batches)
     with cells_plate(cell_index, n_cells):
         prior = dist.Normal(counts.new_zeros(n_latent), counts.new_ones(n_latent))
         z = pyro.sample("z", prior.to_event(1), infer={"kl_warmup": True})
@@ -142,17 +142,26 @@ def scvi_model(
         pyro.sample("counts", observation.to_event(1), obs=counts)
 
 
-def _free_inverse_dispersion(
-    counts: Tensor, batch: Tensor, likelihood: str, dispersion: str | None, n_batches: int
+def free_inverse_dispersion(
+    counts: Tensor,
+    batch: Tensor,
+    likelihood: str,
+    dispersion: str | None,
+    n_batches: int,
+    initial: Tensor | None = None,
 ) -> Tensor | None:
-    """The inverse dispersion held in Pyro parameters (initialised to 1), per cell's genes:
-    ``(genes,)`` ``theta_g`` for "gene"; for "gene-batch" the rows ``theta_{s_n}``,
+    """The inverse dispersion held in the positive Pyro parameter ``inverse_dispersion``, per
+    cell's genes: ``(genes,)`` ``theta_g`` for "gene"; for "gene-batch" the rows ``theta_{s_n}``,
     ``(cells, genes)``, of the ``(n_batches, genes)`` parameter. None for "gene-cell" (the
-    decoder's) and for the likelihoods without a dispersion."""
-    if dispersion == "gene":
-        return gene_inverse_dispersion(counts, likelihood)
-    if dispersion == "gene-batch" and uses_dispersion(likelihood):
-        initial = counts.new_ones(n_batches, counts.shape[-1])
-        theta = pyro.param("inverse_dispersion", initial, constraint=constraints.positive)
-        return theta[batch]
-    return None
+    decoder's) and for the likelihoods without a dispersion.
+
+    Args:
+        initial: the parameter's starting value (a fitted model's, for a warm start); ones by
+            default. Only read when the parameter is created.
+    """
+    if dispersion not in ("gene", "gene-batch") or not uses_dispersion(likelihood):
+        return None
+    shape = (n_batches, counts.shape[-1]) if dispersion == "gene-batch" else counts.shape[-1:]
+    initial = counts.new_ones(shape) if initial is None else initial.to(counts)
+    theta = pyro.param("inverse_dispersion", initial, constraint=constraints.positive)
+    return theta[batch] if dispersion == "gene-batch" else theta
