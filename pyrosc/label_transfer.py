@@ -105,7 +105,8 @@ def weighted_knn_labels(
     )
     shares = _label_shares(kernel_weights(distances), codes[neighbours], len(categories))
     winner = shares.argmax(axis=1)
-    uncertainty = 1.0 - shares[np.arange(len(shares)), winner]
+    # Shares summing to 1 up to rounding could give -1e-16; an uncertainty is never below 0.
+    uncertainty = np.maximum(1.0 - shares[np.arange(len(shares)), winner], 0.0)
     labels = categories.to_numpy(dtype=object)[winner]
     predicted = categories
     if threshold is not None:
