@@ -3,12 +3,14 @@
 Analysts use the classes (``pyrosc.VAE``, ``pyrosc.GMVAE``, ``pyrosc.SCVI``, ``pyrosc.SCANVI``);
 statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.guides`,
 :func:`pyrosc.train.train`, :mod:`pyrosc.evaluate`, :mod:`pyrosc.predictive`,
-:mod:`pyrosc.predictive_checks`).
+:mod:`pyrosc.predictive_checks`). Label transfer from a reference to a mapped query:
+:func:`pyrosc.transfer_labels`.
 """
 
 from pyrosc import datasets, evaluate, predictive, predictive_checks
 from pyrosc.api import GMVAE, SCANVI, SCVI, VAE
 from pyrosc.data import from_anndata, select_genes
+from pyrosc.label_transfer import transfer_labels, weighted_knn_labels
 from pyrosc.predictive import simulate
 from pyrosc.train import train
 
@@ -25,5 +27,7 @@ __all__ = [
     "select_genes",
     "simulate",
     "train",
+    "transfer_labels",
+    "weighted_knn_labels",
 ]
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """The ``pyrosc`` command: fit a model to an .h5ad file (or the embedded PBMC 3k) and write the
-fitted model, an annotated .h5ad, and figures.
+fitted model, an annotated .h5ad, and figures; or map query cells onto a fitted reference and
+transfer its labels (``pyrosc map``, in :mod:`pyrosc.cli_map`).
 
     pyrosc fit [DATA.h5ad] --model vae --likelihood nb --out DIR
     pyrosc fit DATA.h5ad --model scvi --batch-key batch --out DIR
+    pyrosc map QUERY.h5ad --reference DIR --labels-key cell_type --out MAPPED
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from pyrosc import cli_map
 from pyrosc.data import select_genes
 from pyrosc.input_checks import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
@@ -92,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cli_map.add_parser(commands)
     return parser
 
 
@@ -261,12 +265,17 @@ def fit_command(args: argparse.Namespace) -> int:
     summary["wall seconds"] = round(time.perf_counter() - started, 1)
     summary["threads"] = torch.get_num_threads()
 
+    _print_summary(summary)
+    print(f"\nWrote {out}/: model/, history.csv, pyrosc.h5ad, training_curve.png, umap.png")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    """Print ``summary`` (name -> value) as an aligned table."""
     print("\nSummary")
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"  {key:<{width}}  {value}")
-    print(f"\nWrote {out}/: model/, history.csv, pyrosc.h5ad, training_curve.png, umap.png")
-    return 0
 
 
 def _write_h5ad(adata: ad.AnnData, path: Path) -> None:
@@ -283,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fit":
             return fit_command(args)
+        if args.command == "map":
+            return cli_map.map_command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"pyrosc: error: {error}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import simulate_counts
 
-from pyrosc import VAE
+from pyrosc import SCVI, VAE
 from pyrosc.cli import main
 from pyrosc.data import select_genes
 
@@ -146,3 +147,125 @@ def test_options_of_another_model_are_errors(tmp_path, capsys, option, message):
     simulate_counts(n_cells=50, n_genes=20).write_h5ad(data)
     assert main(["fit", str(data), *option, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- pyrosc map -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mapped_dirs(tmp_path_factory):
+    """A reference scVI written by `pyrosc fit` on 160 cells (batches a and b; 3 unlabelled),
+    and a query .h5ad of 80 other cells of the same types, whose batch ("c") is in obs
+    "sample"."""
+    root = tmp_path_factory.mktemp("map")
+    adata = simulate_counts(n_cells=240, n_genes=40)
+    reference, query = adata[:160].copy(), adata[160:].copy()
+    reference.obs.loc[reference.obs_names[:3], "cell_type"] = np.nan
+    query.obs = query.obs.drop(columns="batch").assign(sample="c")
+    reference.write_h5ad(root / "reference.h5ad")
+    query.write_h5ad(root / "query.h5ad")
+    args = ["fit", str(root / "reference.h5ad"), "--model", "scvi", "--batch-key", "batch"]
+    args += ["--out", str(root / "ref"), "--epochs", "20", "--n-top-genes", "0"]
+    assert main([*args, "--n-latent", "4", "--n-samples", "3", "--no-progress"]) == 0
+    return root
+
+
+@pytest.fixture
+def surgery(monkeypatch):
+    """SCVI.load_query_data, or until it exists a stand-in with its signature: a fresh SCVI of
+    the query cells with the reference's settings (no shared latent, but the same plumbing)."""
+    if not hasattr(SCVI, "load_query_data"):
+
+        def stand_in(cls, query_adata, reference):
+            return cls(query_adata, **reference.config)
+
+        monkeypatch.setattr(SCVI, "load_query_data", classmethod(stand_in), raising=False)
+
+
+def map_args(root, *extra):
+    return ["map", str(root / "query.h5ad"), "--reference", str(root / "ref"), *extra]
+
+
+@pytest.mark.usefixtures("surgery")
+def test_map_writes_the_query_labels_and_the_joint_umap(mapped_dirs, tmp_path, capsys):
+    out = tmp_path / "mapped"
+    args = ["--labels-key", "cell_type", "--out", str(out), "--batch-key", "sample"]
+    assert main(map_args(mapped_dirs, *args, "--epochs", "3", "--k", "10", "--no-progress")) == 0
+    query = ad.read_h5ad(out / "query.h5ad")
+    assert query.obsm["X_pyrosc"].shape == (80, 4)
+    assert set(query.obs["batch"]) == {"c"}  # the query's batches, where the model reads them
+    assert query.obs["cell_type_uncertainty"].between(0, 1).all()
+    labels = pd.read_csv(out / "labels.csv", index_col="cell")
+    assert list(labels.columns) == ["cell_type_pred", "cell_type_uncertainty"]
+    assert list(labels.index) == list(query.obs_names)
+    assert (labels["cell_type_pred"] == query.obs["cell_type_pred"].astype(str)).all()
+    assert (out / "umap_mapped.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "3 of the 160 reference cells have no label (NaN) and do not vote" in printed
+    assert re.search(r"labelled reference cells \(voters\)\s+157\n", printed)
+    assert "agreement with the query's own cell_type" in printed
+
+
+@pytest.mark.usefixtures("surgery")
+def test_map_threshold_labels_uncertain_cells_unknown(mapped_dirs, tmp_path):
+    out = tmp_path / "mapped"
+    args = ["--labels-key", "cell_type", "--out", str(out), "--batch-key", "sample"]
+    assert main(map_args(mapped_dirs, *args, "--epochs", "2", "--threshold", "0")) == 0
+    query = ad.read_h5ad(out / "query.h5ad")
+    uncertain = query.obs["cell_type_uncertainty"].to_numpy() > 0
+    assert (query.obs["cell_type_pred"].astype(str)[uncertain] == "Unknown").all()
+    assert (query.obs["cell_type_pred"].astype(str)[~uncertain] != "Unknown").all()
+
+
+@pytest.mark.usefixtures("surgery")
+def test_a_failed_umap_keeps_the_labels(mapped_dirs, tmp_path, capsys, monkeypatch):
+    import scanpy as sc
+
+    def broken_umap(*args, **kwargs):
+        raise RuntimeError("no layout\nmore detail")
+
+    monkeypatch.setattr(sc.tl, "umap", broken_umap)
+    out = tmp_path / "mapped"
+    args = ["--labels-key", "cell_type", "--out", str(out), "--batch-key", "sample"]
+    assert main(map_args(mapped_dirs, *args, "--epochs", "2", "--no-progress")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "pyrosc: error: drawing the UMAP failed (RuntimeError: no layout); the query's latent "
+        f"and labels are kept in {out}/ (query.h5ad, labels.csv)."
+    ]
+    assert len(pd.read_csv(out / "labels.csv")) == 80
+
+
+SAMPLE = ["--batch-key", "sample"]
+
+
+@pytest.mark.usefixtures("surgery")
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([*SAMPLE, "--labels-key", "celltype"], "--labels-key 'celltype' is not a column of"),
+        ([*SAMPLE, "--threshold", "1.5"], "threshold must lie in [0, 1]"),
+        ([*SAMPLE, "--k", "500"], "k must be an integer from 1 to the 157 labelled reference"),
+        (["--batch-key", "donor"], "--batch-key 'donor' is not a column of the query's obs"),
+        ([], "the query has no obs column 'batch', the reference model's batch_key"),
+        ([*SAMPLE, "--reference-data", "missing.h5ad"], "missing.h5ad not found"),
+    ],
+)
+def test_map_reports_bad_input_on_one_line(mapped_dirs, tmp_path, capsys, extra, message):
+    args = ["--labels-key", "cell_type", "--out", str(tmp_path / "o"), *extra]
+    assert main(map_args(mapped_dirs, *args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyrosc: error: ") and message in err[0]
+    assert not (tmp_path / "o").exists()  # nothing is written before the inputs are checked
+
+
+@pytest.mark.usefixtures("surgery")
+def test_map_needs_the_reference_genes_and_a_model(mapped_dirs, tmp_path, capsys):
+    query = ad.read_h5ad(mapped_dirs / "query.h5ad")[:, :30].copy()
+    query.write_h5ad(tmp_path / "few_genes.h5ad")
+    args = ["--labels-key", "cell_type", "--out", str(tmp_path / "o"), "--batch-key", "sample"]
+    few_genes = ["map", str(tmp_path / "few_genes.h5ad"), "--reference", str(mapped_dirs / "ref")]
+    assert main([*few_genes, *args]) == 2
+    assert "the query lacks 10 of the 40 genes of the reference model" in capsys.readouterr().err
+    assert main(["map", str(mapped_dirs / "query.h5ad"), "--reference", str(tmp_path), *args]) == 2
+    assert f"no pyrosc model in {tmp_path}" in capsys.readouterr().err
