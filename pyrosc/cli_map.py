@@ -90,7 +90,12 @@ def map_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model_dir, model_class, reference_adata, query_adata = _checked_inputs(args)
     reference = model_class.load(model_dir, reference_adata)
-    query = model_class.load_query_data(query_adata, reference)
+    # Missing and extra query genes are a warning of load_query_data: a line of the report.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        query = model_class.load_query_data(query_adata, reference)
+    for warning in caught:
+        print(f"  {warning.message}")
     print(f"Fitting the query's {query_adata.n_obs} cells onto the {model_class.__name__} model")
     fit_started = time.perf_counter()
     query.fit(max_epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
@@ -136,14 +141,14 @@ def _checked_inputs(args: argparse.Namespace) -> tuple[Path, type, ad.AnnData, a
     model_class = _model_class(meta["class"])
     layer, batch_key = meta["config"].get("layer"), meta["config"].get("batch_key")
     reference_path = Path(args.reference_data or Path(args.reference) / "pyrosc.h5ad")
-    reference = _model_cells(_read(reference_path), meta["var_names"], layer, "reference")
+    reference = _reference_cells(_read(reference_path), meta["var_names"], layer)
     if args.labels_key not in reference.obs:
         raise ValueError(
             f"--labels-key {args.labels_key!r} is not a column of the reference's obs "
             f"({reference_path}); its columns are: {list(reference.obs.columns)}"
         )
     check_vote_settings(reference.obs[args.labels_key], args.k, args.threshold)
-    query = _model_cells(_read(Path(args.query)), meta["var_names"], layer, "query")
+    query = _query_cells(_read(Path(args.query)), meta["var_names"], layer)
     _name_query_batches(query, batch_key, args.batch_key)
     return model_dir, model_class, reference, query
 
@@ -186,23 +191,34 @@ def _read(path: Path) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
-def _model_cells(
-    adata: ad.AnnData, var_names: list[str], layer: str | None, what: str
-) -> ad.AnnData:
-    """``adata``'s counts of the model's genes, in the model's order, without cells that have
-    no counts in them (a printed line says how many were dropped)."""
+def _reference_cells(adata: ad.AnnData, var_names: list[str], layer: str | None) -> ad.AnnData:
+    """The reference's counts of the model's genes, in the model's order, without cells that
+    have no counts in them (a printed line says how many were dropped)."""
     missing = pd.Index(var_names).difference(adata.var_names.astype(str))
     if len(missing):
         raise ValueError(
-            f"the {what} lacks {len(missing)} of the {len(var_names)} genes of the reference "
-            f"model (e.g. {list(missing[:3])}); it must hold the raw counts of all of them"
+            f"the reference lacks {len(missing)} of the {len(var_names)} genes of the model "
+            f"(e.g. {list(missing[:3])}); it must hold the raw counts of all of them"
         )
-    adata = adata[:, var_names].copy()
-    empty = np.asarray(count_matrix(adata, layer).sum(axis=1)).ravel() == 0
+    return _with_counts(adata[:, var_names], var_names, layer, "reference")
+
+
+def _query_cells(adata: ad.AnnData, var_names: list[str], layer: str | None) -> ad.AnnData:
+    """The query's cells with counts in the model's genes it has, all its genes kept, for
+    ``load_query_data`` to match by name (missing ones zeros, extra ones dropped, a warning;
+    under half present, an error)."""
+    return _with_counts(adata, var_names, layer, "query")
+
+
+def _with_counts(adata: ad.AnnData, var_names: list[str], layer: str | None, what: str):
+    """A copy of ``adata`` without the cells that have no counts in ``var_names`` (a printed
+    line says how many were dropped)."""
+    shared = adata.var_names.astype(str).isin(var_names)
+    empty = np.asarray(count_matrix(adata[:, shared], layer).sum(axis=1)).ravel() == 0
     if empty.any():
         print(f"  dropping {int(empty.sum())} {what} cells with no counts in the model's genes")
-        adata = adata[~empty].copy()
-    return adata
+        adata = adata[~empty]
+    return adata.copy()
 
 
 def _name_query_batches(query: ad.AnnData, batch_key: str | None, query_key: str | None) -> None:

@@ -50,6 +50,10 @@ def check_sizes(**sizes: float) -> None:
             )
 
 
+#: What an MLP's categorical covariate inputs are (see :class:`MLP`).
+COVARIATE_ROLES = ("data", "latent")
+
+
 def one_hot_covariates(covariates: Tensor | None, sizes: Sequence[int]) -> list[Tensor]:
     """One-hot encode categorical covariates.
 
@@ -82,6 +86,10 @@ class MLP(nn.Module):
         covariate_sizes: number of categories of each categorical covariate to inject.
         n_continuous: continuous covariates, appended to the input of the first layer (as
             scvi-tools does with ``continuous_covariate_keys``).
+        covariate_role: what the categorical covariates are: ``"data"``, the data's covariates
+            (batch first), which reference mapping extends with a query's new categories
+            (:mod:`pyrosc.surgery`); or ``"latent"``, the values of a discrete latent of the
+            model (scANVI's cell type ``y``), fixed by the model and never extended.
 
     Raises:
         ValueError: a size below 1 or not an integer, or dropout outside [0, 1).
@@ -95,10 +103,16 @@ class MLP(nn.Module):
         dropout: float = 0.1,
         covariate_sizes: Sequence[int] = (),
         n_continuous: int = 0,
+        covariate_role: str = "data",
     ) -> None:
         super().__init__()
         check_sizes(n_input=n_input, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
+        if covariate_role not in COVARIATE_ROLES:
+            raise ValueError(
+                f"covariate_role must be one of {COVARIATE_ROLES}, got {covariate_role!r}"
+            )
         self.covariate_sizes = tuple(int(s) for s in covariate_sizes)
+        self.covariate_role = covariate_role
         self.n_continuous = int(n_continuous)
         n_extra = sum(self.covariate_sizes)
         self.linears = nn.ModuleList()
@@ -144,7 +158,8 @@ class GaussianEncoder(nn.Module):
     Args:
         n_input: input features (genes, usually).
         n_output: latent dimensions.
-        n_hidden, n_layers, dropout, covariate_sizes, n_continuous: as :class:`MLP`.
+        n_hidden, n_layers, dropout, covariate_sizes, n_continuous, covariate_role: as
+            :class:`MLP`.
         min_variance: floor added to the variance, as scVI's ``var_eps``.
     """
 
@@ -158,10 +173,13 @@ class GaussianEncoder(nn.Module):
         covariate_sizes: Sequence[int] = (),
         min_variance: float = 1e-4,
         n_continuous: int = 0,
+        covariate_role: str = "data",
     ) -> None:
         super().__init__()
         check_sizes(n_output=n_output)
-        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous)
+        self.body = MLP(
+            n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous, covariate_role
+        )
         self.loc = nn.Linear(n_hidden, n_output)
         self.log_variance = nn.Linear(n_hidden, n_output)
         self.min_variance = min_variance

@@ -136,9 +136,10 @@ def _added(reference_sizes: Sequence[int], sizes: Sequence[int]) -> list[int]:
 
 
 def _named_mlps(networks: nn.Module) -> Iterator[tuple[str, MLP]]:
-    """The MLPs among ``networks``' modules that see categorical covariates, by name."""
+    """The MLPs among ``networks``' modules that see the data's categorical covariates, by
+    name (not those whose covariates are a discrete latent of the model, such as scANVI's y)."""
     for name, module in networks.named_modules():
-        if isinstance(module, MLP) and module.covariate_sizes:
+        if isinstance(module, MLP) and module.covariate_sizes and module.covariate_role == "data":
             yield name, module
 
 

@@ -78,6 +78,7 @@ def test_a_fully_labelled_reference_warns_of_nothing():
     assert list(votes.labels) == ["A"]
 
 
+@pytest.mark.slow  # pynndescent compiles for about a minute on its first query in a process
 def test_exact_and_approximate_neighbours_give_the_same_labels():
     rng = np.random.default_rng(0)
     centres = 10.0 * np.eye(3, 5)

@@ -227,8 +227,9 @@ def test_bad_input_is_named(annotated, toy_adata):
     adata, _, _ = annotated
     with pytest.raises(ValueError, match="labels_key 'kind' is not a column"):
         pyrosc.SCANVI(adata, "kind", "Unknown")
-    with pytest.raises(ValueError, match="unlabeled_category 'unknown' does not occur"):
-        pyrosc.SCANVI(adata, "annotation", "unknown")
+    with pytest.warns(UserWarning, match="'unknown' does not occur .* every cell is taken as"):
+        misspelt = pyrosc.SCANVI(adata, "annotation", "unknown")
+    assert "Unknown" in misspelt.label_categories  # the warning says why
     with pytest.raises(ValueError, match="no cell of obs\\['cell_type'\\] is labelled"):
         pyrosc.SCANVI(toy_adata[toy_adata.obs["cell_type"] == "type0"].copy(), "cell_type", "type0")
     one_type = toy_adata[toy_adata.obs["cell_type"] != "type2"].copy()

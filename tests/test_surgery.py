@@ -348,3 +348,32 @@ def test_a_query_with_no_new_category_has_nothing_to_fit(reference):
     np.testing.assert_allclose(query.latent(), reference.latent()[:30], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="every parameter is frozen"):
         query.fit(**FIT)
+
+
+def test_a_scanvi_reference_maps_a_query_with_its_labels_kept():
+    reference_adata, query_adata = reference_and_query()
+    reference_adata.obs["annotation"] = reference_adata.obs["cell_type"].astype(str).to_numpy()
+    reference_adata.obs.loc[reference_adata.obs_names[::4], "annotation"] = "Unknown"
+    reference = pyrosc.SCANVI(
+        reference_adata, "annotation", "Unknown", batch_key="batch", likelihood="nb", **TINY
+    ).fit(**FIT)
+    before = weights(reference)
+    with pytest.raises(ValueError, match="the query has no obs\\['annotation'\\]"):
+        pyrosc.SCANVI.load_query_data(query_adata, reference)
+    query_adata.obs["annotation"] = "Unknown"
+    query = pyrosc.SCANVI.load_query_data(query_adata, reference)
+    start = weights(query)
+    query.fit(**FIT)
+    after = weights(query)
+
+    assert_reference_kept(after, before)
+    # The label-conditioned networks are not widened: their covariate is the model's y.
+    assert (
+        after["z2_encoder.body.linears.0.weight"].shape
+        == before["z2_encoder.body.linears.0.weight"].shape
+    )
+    new_column = after[FIRST_DECODER_LAYER][:, -1]
+    assert not torch.equal(new_column, start[FIRST_DECODER_LAYER][:, -1])
+    predicted = query.predict()
+    assert len(predicted) == query_adata.n_obs
+    assert set(predicted) <= set(reference.label_categories)

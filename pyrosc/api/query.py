@@ -121,9 +121,7 @@ class ReferenceMapping:
                 "weight, BatchNorm included, trains already. Pass one of them."
             )
         _check_query_columns(adata, reference)
-        config = dict(reference.config)
-        if config.get("labels_key") not in (None, *adata.obs.columns):
-            config["labels_key"] = None  # query cells come unlabelled; labels only score
+        config = cls._query_config(dict(reference.config), adata)
         aligned = align_genes(adata, reference.data.var_names, config.get("layer"))
         with _zero_genes_expected():
             query = cls(aligned, **config)
@@ -158,6 +156,14 @@ class ReferenceMapping:
         return query
 
     # -- what a class may override ---------------------------------------------------------
+
+    @classmethod
+    def _query_config(cls, config: dict, adata: ad.AnnData) -> dict:
+        """The query's settings, from the reference's ``config``: a ``labels_key`` the query
+        lacks is dropped (query cells come unlabelled; labels only score)."""
+        if config.get("labels_key") not in (None, *adata.obs.columns):
+            config["labels_key"] = None
+        return config
 
     def _category_parameters(self) -> dict[str, tuple[int, int]]:
         """Free parameter name -> ``(covariate position, dim)`` of the parameters with a slice

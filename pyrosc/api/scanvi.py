@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -178,13 +179,28 @@ class SCANVI(SCVI):
             )
         return codes.astype(np.int64)
 
+    @classmethod
+    def _query_config(cls, config: dict, adata: ad.AnnData) -> dict:
+        """A query keeps the reference's ``labels_key``: its labelled cells (if any) are
+        observed, the others summed out, as in the reference."""
+        key, unlabeled = config["labels_key"], config["unlabeled_category"]
+        if key not in adata.obs.columns:
+            raise ValueError(
+                f"the query has no obs[{key!r}], the reference SCANVI's labels_key; add it, "
+                f"with {unlabeled!r} (the unlabeled_category) for every cell whose type is unknown"
+            )
+        return config
+
     def _classification_weight(self) -> float:
         """``alpha`` per labelled cell: ``classification_ratio * cells / labelled cells`` of
-        the fit's training cells (see the class notes); 0 when not fitting (a loaded model)."""
+        the fit's training cells (see the class notes); 0 when not fitting (a loaded model) and
+        for a query without labelled cells."""
         if self._split is None:
             return 0.0
         codes = self.data.label[self._split[0]]
         n_labelled = int((codes >= 0).sum())
+        if n_labelled == 0 and self.is_query:
+            return 0.0
         if n_labelled == 0:
             raise ValueError(
                 "none of the training cells is labelled (the labelled cells all fell in the "
@@ -196,12 +212,19 @@ class SCANVI(SCVI):
         networks, c = self._networks(), self.config
         k, sizes = len(self.label_categories), (c["n_hidden"], c["n_layers"], c["dropout"])
         networks["classifier"] = Classifier(c["n_latent"], k, *sizes)
+        # y enters as a covariate of the latent kind: reference mapping leaves it as it is.
         networks["z2_encoder"] = GaussianEncoder(
-            c["n_latent"], c["n_latent"], *sizes, covariate_sizes=(k,)
+            c["n_latent"], c["n_latent"], *sizes, covariate_sizes=(k,), covariate_role="latent"
         )
         # p(z1 | z2, y) is a generative network: no dropout, as scVI's decoder.
         networks["z1_prior"] = GaussianEncoder(
-            c["n_latent"], c["n_latent"], c["n_hidden"], c["n_layers"], 0.0, covariate_sizes=(k,)
+            c["n_latent"],
+            c["n_latent"],
+            c["n_hidden"],
+            c["n_layers"],
+            0.0,
+            covariate_sizes=(k,),
+            covariate_role="latent",
         )
         inverse_dispersion = None
         if self._scvi_start is not None:
@@ -268,8 +291,8 @@ def _label_categories(
     left out.
 
     Raises:
-        ValueError: an unknown labels_key, missing values, an ``unlabeled_category`` that no
-            cell has, no labelled cell, fewer than two types, or ``given`` without a label.
+        ValueError: an unknown labels_key, missing values, no labelled cell (unless ``given``:
+            a query may have none), fewer than two types, or ``given`` without a label.
     """
     checks.check_anndata(adata)
     if labels_key is None or labels_key not in adata.obs.columns:
@@ -281,16 +304,20 @@ def _label_categories(
     column = adata.obs[labels_key]
     names = column.astype(str)
     if not (names == unlabeled_category).any():
-        raise ValueError(
+        # Every cell labelled is a fine reference; a misspelt marker would make it a type.
+        warnings.warn(
             f"unlabeled_category {unlabeled_category!r} does not occur in obs[{labels_key!r}], "
-            f"whose values are {sorted(set(names))[:10]}; mark the unlabelled cells with it"
+            f"whose values are {sorted(set(names))[:10]}: every cell is taken as labelled. If "
+            "some are not, mark them with unlabeled_category.",
+            UserWarning,
+            stacklevel=3,
         )
     if isinstance(column.dtype, pd.CategoricalDtype):
         found = [str(c) for c in column.cat.remove_unused_categories().cat.categories]
     else:
         found = sorted(set(names))
     found = [name for name in found if name != unlabeled_category]
-    if not found:
+    if not found and given is None:
         raise ValueError(
             f"no cell of obs[{labels_key!r}] is labelled: all are {unlabeled_category!r}; "
             "scANVI learns the cell types from the labelled cells"
