@@ -83,7 +83,7 @@ class FrozenFit:
             if bool(mask.all()):
                 self.fully.append(tensor)
             elif bool(mask.any()):
-                self.partly.append((tensor, mask, tensor.detach()[mask].clone()))
+                self.partly.append((tensor, mask, tensor.detach().clone()))
         for tensor in self.fully:
             tensor.requires_grad_(False)
         return self
@@ -93,10 +93,11 @@ class FrozenFit:
             tensor.requires_grad_(True)
 
     def after_step(self) -> None:
-        """Write the frozen entries of the partly frozen tensors back, bit for bit."""
+        """Write the frozen entries of the partly frozen tensors back, bit for bit (one
+        elementwise pass, with no data-dependent shape: no host synchronisation on CUDA)."""
         with torch.no_grad():
             for tensor, mask, saved in self.partly:
-                tensor[mask] = saved
+                tensor.copy_(torch.where(mask, saved, tensor))
 
     def keep_eval(self) -> None:
         """Put the frozen modules (BatchNorm) back in evaluation mode."""

@@ -150,11 +150,15 @@ def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | No
     """``function(*args)`` compiled, once per process and ``name``; None, after a warning, if
     compiling fails. Compiled for the first shapes seen; a second minibatch size (the ragged
     last one) makes torch.compile recompile once with symbolic sizes. Compiled code is cached
-    on disk by PyTorch, so later processes skip most of the ~8 s of a first compilation."""
+    on disk by PyTorch, so later processes skip most of the ~8 s of a first compilation.
+
+    The arguments go in detached: the kernels form their derivatives themselves, and
+    torch.compile guards on ``requires_grad``, so a parameter frozen for a fit (a reference
+    model's theta in a query fit) would otherwise cost a second compilation."""
     if name not in _KERNELS:
         _KERNELS[name] = torch.compile(function)
     try:
-        return _KERNELS[name](*args)
+        return _KERNELS[name](*(arg.detach() for arg in args))
     except Exception as error:  # noqa: BLE001 - any failure to compile means: use eager
         _FAILED.append(f"{type(error).__name__}: {error}")
         warnings.warn(
