@@ -141,7 +141,7 @@ def _scaled_proportions(
     proportions = trace.nodes[PROPORTIONS]["value"]
     if library_size == "latent":
         return _library(trace, minibatch).unsqueeze(-1) * proportions
-    return library_size * proportions
+    return proportions if library_size == 1 else library_size * proportions
 
 
 def _reported_values(
@@ -423,7 +423,8 @@ def expression_draws(
                 _scaled_proportions(trace, g, library_size)
                 for trace, g in zip(traces, given, strict=True)
             ]
-            yield index, torch.stack(expression).mean(dim=0)
+            # One setting is its own mean: no copy of an (n_samples, cells, genes) tensor.
+            yield index, expression[0] if len(expression) == 1 else torch.stack(expression).mean(0)
 
 
 def normalized_expression(
