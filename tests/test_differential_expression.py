@@ -131,7 +131,7 @@ def test_calls_are_calibrated_on_simulated_fold_changes():
 
 @pytest.mark.slow
 def test_calls_are_calibrated_on_simulated_fold_changes_at_more_cells():
-    check_calibration(calibration(n_cells=3000))
+    check_calibration(calibration(n_cells=2000))
 
 
 # -- properties of the comparison ----------------------------------------------------------------
