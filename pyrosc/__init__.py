@@ -4,12 +4,15 @@ Analysts use the classes (``pyrosc.VAE``, ``pyrosc.GMVAE``, ``pyrosc.SCVI``, ``p
 statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.guides`,
 :func:`pyrosc.train.train`, :mod:`pyrosc.evaluate`, :mod:`pyrosc.predictive`,
 :mod:`pyrosc.predictive_checks`). Label transfer from a reference to a mapped query:
-:func:`pyrosc.transfer_labels`.
+:func:`pyrosc.transfer_labels`. Differential expression: every class's
+``differential_expression`` (for a pair: :mod:`pyrosc.differential_expression`), drawn by
+:func:`pyrosc.plot_de`.
 """
 
-from pyrosc import datasets, evaluate, predictive, predictive_checks
+from pyrosc import datasets, differential_expression, evaluate, predictive, predictive_checks
 from pyrosc.api import GMVAE, SCANVI, SCVI, VAE
 from pyrosc.data import from_anndata, select_genes
+from pyrosc.de_results import plot_de
 from pyrosc.label_transfer import transfer_labels, weighted_knn_labels
 from pyrosc.predictive import simulate
 from pyrosc.train import train
@@ -20,8 +23,10 @@ __all__ = [
     "SCVI",
     "VAE",
     "datasets",
+    "differential_expression",
     "evaluate",
     "from_anndata",
+    "plot_de",
     "predictive",
     "predictive_checks",
     "select_genes",

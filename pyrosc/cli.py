@@ -1,10 +1,12 @@
 """The ``pyrosc`` command: fit a model to an .h5ad file (or the embedded PBMC 3k) and write the
-fitted model, an annotated .h5ad, and figures; or map query cells onto a fitted reference and
-transfer its labels (``pyrosc map``, in :mod:`pyrosc.cli_map`).
+fitted model, an annotated .h5ad, and figures; map query cells onto a fitted reference and
+transfer its labels (``pyrosc map``, in :mod:`pyrosc.cli_map`); or compare groups of cells
+through a fitted model (``pyrosc de``, in :mod:`pyrosc.cli_de`).
 
     pyrosc fit [DATA.h5ad] --model vae --likelihood nb --out DIR
     pyrosc fit DATA.h5ad --model scvi --batch-key batch --out DIR
     pyrosc map QUERY.h5ad --reference DIR --labels-key cell_type --out MAPPED
+    pyrosc de DIR DIR/pyrosc.h5ad --groupby cell_type --out DE
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from pyrosc import cli_map
+from pyrosc import cli_de, cli_map
 from pyrosc.data import select_genes
 from pyrosc.input_checks import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cli_map.add_parser(commands)
+    cli_de.add_parser(commands)
     return parser
 
 
@@ -294,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fit_command(args)
         if args.command == "map":
             return cli_map.map_command(args)
+        if args.command == "de":
+            return cli_de.de_command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"pyrosc: error: {error}", file=sys.stderr)
         return 2

@@ -165,14 +165,20 @@ def _model_dir(reference: Path) -> Path:
     )
 
 
-def _model_class(name: str) -> type:
-    """The notebook class ``name`` (from a saved config.json), checked to map query cells."""
+def _saved_class(name: str) -> type:
+    """The notebook class ``name`` (from a saved config.json)."""
     from pyrosc import api
     from pyrosc.api.base import PyroscModel
 
     model_class = getattr(api, name, None)
     if not (isinstance(model_class, type) and issubclass(model_class, PyroscModel)):
         raise ValueError(f"the saved model is a {name!r}, which this pyrosc does not know")
+    return model_class
+
+
+def _model_class(name: str) -> type:
+    """The notebook class ``name`` (from a saved config.json), checked to map query cells."""
+    model_class = _saved_class(name)
     if not hasattr(model_class, "load_query_data"):
         raise ValueError(
             f"a {name} reference cannot map query cells: {name} has no load_query_data"
@@ -191,16 +197,18 @@ def _read(path: Path) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
-def _reference_cells(adata: ad.AnnData, var_names: list[str], layer: str | None) -> ad.AnnData:
-    """The reference's counts of the model's genes, in the model's order, without cells that
-    have no counts in them (a printed line says how many were dropped)."""
+def _reference_cells(
+    adata: ad.AnnData, var_names: list[str], layer: str | None, what: str = "reference"
+) -> ad.AnnData:
+    """The ``what`` cells' counts of the model's genes, in the model's order, without cells
+    that have no counts in them (a printed line says how many were dropped)."""
     missing = pd.Index(var_names).difference(adata.var_names.astype(str))
     if len(missing):
         raise ValueError(
-            f"the reference lacks {len(missing)} of the {len(var_names)} genes of the model "
+            f"the {what} lacks {len(missing)} of the {len(var_names)} genes of the model "
             f"(e.g. {list(missing[:3])}); it must hold the raw counts of all of them"
         )
-    return _with_counts(adata[:, var_names], var_names, layer, "reference")
+    return _with_counts(adata[:, var_names], var_names, layer, what)
 
 
 def _query_cells(adata: ad.AnnData, var_names: list[str], layer: str | None) -> ad.AnnData:

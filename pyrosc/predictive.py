@@ -21,7 +21,7 @@ drawn come back as AnnData rows, draw by draw. Checks of the replicates against 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -141,7 +141,7 @@ def _scaled_proportions(
     proportions = trace.nodes[PROPORTIONS]["value"]
     if library_size == "latent":
         return _library(trace, minibatch).unsqueeze(-1) * proportions
-    return library_size * proportions
+    return proportions if library_size == 1 else library_size * proportions
 
 
 def _reported_values(
@@ -382,6 +382,51 @@ def counterfactual(
 
 
 @torch.no_grad()
+def expression_draws(
+    model: Callable,
+    guide: Callable,
+    data: CountData,
+    covariates: Covariates | Sequence[Covariates] | None = None,
+    library_size: float | str = 1.0,
+    n_samples: int = 1,
+    *,
+    networks: nn.Module | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """Each cell's normalised expression ``l' rho`` at ``n_samples`` posterior draws, decoded
+    under ``covariates``, a chunk of cells at a time: what :func:`normalized_expression`
+    averages and :mod:`pyrosc.differential_expression` compares.
+
+    Args:
+        model, guide, data, networks, batch_size, device: as :func:`posterior_predictive`.
+        covariates: None (each cell's own), one setting (e.g. ``{"batch": "b"}``), or several:
+            at each draw, the mean over them, all decoded from the same draws of the latents.
+        library_size: as :func:`counterfactual`; 1 gives the proportions rho.
+        n_samples: posterior draws per cell.
+
+    Yields:
+        ``(index, expression)``: the chunk's cell positions in ``data``, ``(cells,)``, and its
+        expression, ``(n_samples, cells, genes)`` float32 on ``device``.
+    """
+    _check_library_size(library_size)
+    check_n_samples(n_samples)
+    codes = [_covariate_codes(data, setting) for setting in _covariate_settings(covariates)]
+    with eval_mode(networks):
+        draws = PosteriorDraws(model, guide, probe(data, device))
+        # One decoding per setting is held at once: size the chunks for all of them.
+        for index in cell_chunks(data, n_samples * len(codes), batch_size):
+            minibatch = data.minibatch(index, device)
+            given = [_intervened(minibatch, c) for c in codes]
+            traces = draws.traces(minibatch, n_samples, given, sample_counts=False)
+            expression = [
+                _scaled_proportions(trace, g, library_size)
+                for trace, g in zip(traces, given, strict=True)
+            ]
+            # One setting is its own mean: no copy of an (n_samples, cells, genes) tensor.
+            yield index, expression[0] if len(expression) == 1 else torch.stack(expression).mean(0)
+
+
 def normalized_expression(
     model: Callable,
     guide: Callable,
@@ -407,19 +452,16 @@ def normalized_expression(
     Returns:
         ``(cells, genes)`` float32.
     """
-    _check_library_size(library_size)
-    check_n_samples(n_samples)
-    codes = [_covariate_codes(data, setting) for setting in _covariate_settings(covariates)]
-    chunks = []
-    with eval_mode(networks):
-        draws = PosteriorDraws(model, guide, probe(data, device))
-        for index in cell_chunks(data, n_samples, batch_size):
-            minibatch = data.minibatch(index, device)
-            given = [_intervened(minibatch, c) for c in codes]
-            traces = draws.traces(minibatch, n_samples, given, sample_counts=False)
-            expression = [
-                _scaled_proportions(trace, g, library_size).mean(dim=0)
-                for trace, g in zip(traces, given, strict=True)
-            ]
-            chunks.append(torch.stack(expression).mean(dim=0).cpu())
+    draws = expression_draws(
+        model,
+        guide,
+        data,
+        covariates,
+        library_size,
+        n_samples,
+        networks=networks,
+        batch_size=batch_size,
+        device=device,
+    )
+    chunks = [expression.mean(dim=0).cpu() for _, expression in draws]
     return torch.cat(chunks).numpy().astype(np.float32)

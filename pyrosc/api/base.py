@@ -3,9 +3,9 @@
 :class:`PyroscModel` validates the data, hands the model/guide pair a subclass builds to
 :func:`pyrosc.train.train` on the fit's one train/validation split, and puts results where
 scanpy users look for them (``adata.obsm["X_pyrosc"]``). Every question to a fitted model
-(latent, scores, simulation, replicates, checks) goes through :meth:`PyroscModel._call`: the
-validated cells, the model's own parameter-store scope, its networks and device. Models fitted in
-one session therefore never see each other's parameters.
+(latent, scores, simulation, replicates, checks, differential expression) goes through
+:meth:`PyroscModel._call`: the validated cells, the model's own parameter-store scope, its
+networks and device. Models fitted in one session therefore never see each other's parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 
 from pyrosc import evaluate, predictive, predictive_checks, traces
 from pyrosc.api import persistence
+from pyrosc.api.differential_expression import DifferentialExpression
 from pyrosc.data import CountData, from_anndata, split_cells
 from pyrosc.freezing import Frozen
 from pyrosc.likelihoods import LIKELIHOODS
@@ -35,8 +36,9 @@ _LOG_LIKELIHOOD_KEY = "pyrosc_log_likelihood"
 _SIZE_KEYS = ("n_latent", "n_hidden", "n_layers", "dropout")
 
 
-class PyroscModel:
-    """Shared machinery of the model classes; subclasses define :meth:`_build`.
+class PyroscModel(DifferentialExpression):
+    """Shared machinery of the model classes; subclasses define :meth:`_build`. Differential
+    expression comes from :class:`pyrosc.api.differential_expression.DifferentialExpression`.
 
     Attributes:
         adata: the AnnData the model was set up with (results are written to it).

@@ -1,5 +1,6 @@
 """What a model with batches answers beyond the others: cells simulated in a batch, decoded as
-if from another (a counterfactual), and normalised expression in a chosen batch.
+if from another (a counterfactual), normalised expression in a chosen batch, and differential
+expression between cells decoded into the same batches.
 
 :class:`BatchModel` is the base of the notebook classes whose decoder sees a batch
 (``batch_key``, the first categorical covariate) and other categorical covariates: today
@@ -11,9 +12,11 @@ reference (``load_query_data``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from pyrosc import predictive
 from pyrosc.api.base import PyroscModel
@@ -163,3 +166,36 @@ class BatchModel(ReferenceMapping, PyroscModel):
             n_samples,
             batch_size=batch_size,
         )
+
+    def differential_expression(
+        self,
+        groupby: str,
+        group1: str | None = None,
+        group2: str | None = None,
+        *,
+        batch_correction: bool = False,
+        adata: ad.AnnData | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """:meth:`PyroscModel.differential_expression
+        <pyrosc.api.differential_expression.DifferentialExpression.differential_expression>`
+        (the same options), and ``batch_correction``.
+
+        Args:
+            batch_correction: decode every cell into each batch of the training data and take,
+                at each posterior draw, the mean over the batches (the counterfactual of
+                :meth:`normalized_expression` with every batch as ``transform_batch``): the
+                groups are compared as if from the same batches, so a batch confounded with a
+                group does not read as differential expression. False: each cell as observed.
+
+        Raises:
+            ValueError: ``batch_correction`` on a model set up without a ``batch_key``, and as
+                the method without it.
+        """
+        covariates = None
+        if batch_correction:
+            key = self.config["batch_key"]
+            if key is None:
+                raise self._refuse_batches("batch_correction")
+            covariates = self._transform_batches(self.data.covariate_categories[key])
+        return self._differential_expression(groupby, group1, group2, covariates, adata, options)
