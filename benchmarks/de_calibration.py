@@ -112,7 +112,7 @@ def simulate(generator: Path, n_cells: int, n_de: int, seed: int) -> tuple[ad.An
     signs = np.tile([1.0, -1.0], n_de // 2)
     lfc = np.zeros(rho.shape[1])
     lfc[de_genes] = rng.permutation(sizes) * signs
-    changed = rho * 2.0 ** lfc
+    changed = rho * 2.0**lfc
     changed /= changed.sum(axis=1, keepdims=True)
     simulated = np.where(in_b[:, None], changed, rho)
     mean = library[:, None] * simulated
@@ -333,7 +333,7 @@ def main() -> None:
                     offset = result["pseudocount_cp10k"] / 1e4
                     cells = [int(name[4:]) for name in adata.obs_names]
                     rho = g["rho"][cells]
-                    changed = rho * 2.0 ** designed
+                    changed = rho * 2.0**designed
                     changed /= changed.sum(axis=1, keepdims=True)
                     truth["true_lfc_pc"] = (
                         np.log2(changed.mean(axis=0) + offset) - np.log2(rho.mean(axis=0) + offset)
