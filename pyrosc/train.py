@@ -25,7 +25,7 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -138,7 +138,7 @@ def free_bits_loss(free_bits: float) -> Callable:
     return loss
 
 
-def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     """One Adam over ``params`` (the Pyro parameter store's, unconstrained).
 
     Pyro's own ``pyro.optim.Adam`` keeps one optimiser per parameter tensor; a single fused
@@ -178,7 +178,7 @@ class _Optimizer:
                         "every parameter is frozen: there is nothing to train (a query with no "
                         "category new to its reference needs no fit: ask it directly)"
                     )
-                self.adam = _adam(trained, self.lr)
+                self.adam = adam(trained, self.lr)
             elif trained:
                 self.adam.add_param_group({"params": trained})
         self.adam.zero_grad(set_to_none=True)
@@ -236,6 +236,160 @@ def _restore(snapshot: tuple[dict[str, Tensor], dict | None], networks: nn.Modul
             unconstrained[name].copy_(value)
     if networks is not None and modules is not None:
         networks.load_state_dict(modules)
+
+
+class EarlyStopping:
+    """Stop once the validation ELBO has not improved for ``patience`` epochs, and keep the
+    parameters of the best epoch: a copy of the free parameters in Pyro's parameter store and
+    of the networks' state, taken at each improvement.
+
+    Args:
+        patience: epochs without improvement before stopping.
+        networks: the modules of the fit (None: free parameters only).
+    """
+
+    def __init__(self, patience: int, networks: nn.Module | None) -> None:
+        self.patience, self.networks = patience, networks
+        self.best_value, self.since_best = -np.inf, 0
+        self.best: tuple[int, tuple[dict[str, Tensor], dict | None]] | None = None
+
+    def stop(self, epoch: int, validation_elbo: float) -> bool:
+        """Record the validation ELBO of ``epoch``; True once it is time to stop."""
+        if validation_elbo > self.best_value:
+            self.best = (epoch, _snapshot(self.networks))
+            self.best_value, self.since_best = validation_elbo, 0
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore_best(self) -> int | None:
+        """Write the best epoch's parameters back, in place, and return its number; None (the
+        parameters stay the last epoch's) when no epoch had a finite validation ELBO."""
+        if self.best is None:
+            return None
+        _restore(self.best[1], self.networks)
+        return self.best[0]
+
+
+def check_options(
+    max_epochs: int,
+    early_stopping: bool,
+    patience: int | None,
+    free_bits: float,
+    kl_warmup_epochs: int,
+) -> int:
+    """Raise a ``ValueError`` for an option of :func:`train` out of range or that does not
+    apply; return the patience of early stopping (45 unless given)."""
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
+    if patience is not None and not early_stopping:
+        raise ValueError("patience applies to early stopping only: pass early_stopping=True")
+    if free_bits < 0 or kl_warmup_epochs < 0:
+        raise ValueError("free_bits and kl_warmup_epochs must be non-negative")
+    return 45 if patience is None else patience
+
+
+def fit_split(
+    n_cells: int,
+    validation_fraction: float,
+    split: tuple[np.ndarray, np.ndarray] | None,
+    seed: int,
+    early_stopping: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_index, validation_index)``, positions of the cells of each set: ``split`` as
+    given, or drawn from ``validation_fraction`` and ``seed``."""
+    if split is None:
+        train_index, validation_index = split_cells(n_cells, validation_fraction, seed)
+    else:
+        train_index, validation_index = (np.asarray(part, dtype=np.int64) for part in split)
+    if early_stopping and len(validation_index) == 0:
+        raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
+    return train_index, validation_index
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss a fit optimises, read off one trace of the pair (:func:`read_objective`).
+
+    Plain data, so that it can travel to other processes (:mod:`pyrosc.distributed`), each of
+    which builds the loss with :meth:`loss`.
+
+    Attributes:
+        annealed: the latent sites the model marks for KL warm-up.
+        enumeration_nesting: for a pair with sites marked for parallel enumeration, the
+            plates they nest at most (the loss is then ``TraceEnum_ELBO``); None otherwise.
+        free_bits: nats per latent dimension exempt from the KL penalty (0: off).
+    """
+
+    annealed: frozenset[str]
+    enumeration_nesting: int | None = None
+    free_bits: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """``"TraceEnum_ELBO"``, ``"free_bits"`` or ``"Trace_ELBO"``."""
+        if self.enumeration_nesting is not None:
+            return "TraceEnum_ELBO"
+        return "free_bits" if self.free_bits > 0 else "Trace_ELBO"
+
+    def loss(self, frozen: bool = False) -> Callable[..., Tensor]:
+        """``loss(model, guide, **data)``: the differentiable negative ELBO of one minibatch
+        (scaled by the ``cells`` plate to all training cells).
+
+        Args:
+            frozen: the fit freezes some tensors; ``pyro.module``'s warning about each of them,
+                at every step, is silenced (:func:`pyrosc.freezing.quiet_about_frozen`).
+        """
+        if self.enumeration_nesting is not None:
+            loss_fn = TraceEnum_ELBO(max_plate_nesting=self.enumeration_nesting).differentiable_loss
+        elif self.free_bits > 0:
+            loss_fn = free_bits_loss(self.free_bits)
+        else:
+            loss_fn = Trace_ELBO().differentiable_loss
+        return quiet_about_frozen(loss_fn) if frozen else loss_fn
+
+
+def read_objective(
+    model: Callable, guide: Callable, probe: dict, free_bits: float, kl_warmup_epochs: int
+) -> Objective:
+    """The :class:`Objective` of ``model`` and ``guide``, from one trace of the pair on the
+    data dictionary ``probe`` (which creates the pair's parameters in the current store).
+
+    Raises:
+        ValueError: free bits with enumerated sites, or ``kl_warmup_epochs`` for a model that
+            marks no site for KL warm-up.
+    """
+    guide_trace, model_trace = trace_pair(model, guide, probe)
+    enumerated = any(
+        site["type"] == "sample" and site["infer"].get("enumerate") == "parallel"
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+    )
+    if enumerated and free_bits > 0:
+        raise ValueError("free bits are not available for models with enumerated sites")
+    annealed = annealed_sites(model, probe)
+    if kl_warmup_epochs and not annealed:
+        raise ValueError(
+            "kl_warmup_epochs is set but the model marks no site for KL warm-up; mark one with "
+            'pyro.sample(name, prior, infer={"kl_warmup": True})'
+        )
+    nesting = plate_nesting(guide_trace, model_trace) if enumerated else None
+    return Objective(annealed, nesting, free_bits)
+
+
+def warmup_weight(epoch: int, kl_warmup_epochs: int) -> float:
+    """The KL weight of ``epoch`` (counted from 1): rises linearly to 1 over
+    ``kl_warmup_epochs`` (0: always 1)."""
+    return min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
+
+
+def check_finite(train_elbo: float, epoch: int, lr: float) -> None:
+    """Raise ``FloatingPointError`` when the training ELBO of ``epoch`` is not finite."""
+    if not np.isfinite(train_elbo):
+        raise FloatingPointError(
+            f"training diverged at epoch {epoch}: the ELBO is {train_elbo}; "
+            f"try a smaller learning rate than lr={lr}"
+        )
 
 
 def train(
@@ -304,23 +458,14 @@ def train(
             early stopping, ``kl_warmup_epochs`` for a model that marks no site, free bits with
             enumerated sites), a frozen mask naming no parameter, or everything frozen.
     """
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
-    if patience is not None and not early_stopping:
-        raise ValueError("patience applies to early stopping only: pass early_stopping=True")
-    patience = 45 if patience is None else patience
-    if free_bits < 0 or kl_warmup_epochs < 0:
-        raise ValueError("free_bits and kl_warmup_epochs must be non-negative")
+    patience = check_options(max_epochs, early_stopping, patience, free_bits, kl_warmup_epochs)
     device = resolve_device(device)
     pyro.set_rng_seed(seed)
     if networks is not None:
         networks.to(device)
-    if split is None:
-        train_index, validation_index = split_cells(data.n_cells, validation_fraction, seed)
-    else:
-        train_index, validation_index = (np.asarray(part, dtype=np.int64) for part in split)
-    if early_stopping and len(validation_index) == 0:
-        raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
+    train_index, validation_index = fit_split(
+        data.n_cells, validation_fraction, split, seed, early_stopping
+    )
     train_data = data.subset(train_index)
     validation_data = data.subset(validation_index) if len(validation_index) else None
     sampler = MinibatchSampler(train_data.n_cells, batch_size, shuffle=True, seed=seed)
@@ -328,41 +473,20 @@ def train(
     freezing = FrozenFit(frozen or Frozen({}), networks)  # frozen BatchNorm in eval mode
     first = train_data.minibatch(next(iter(MinibatchSampler(train_data.n_cells, batch_size))))
     probe = {key: value.to(device) for key, value in first.items()} | {"n_cells": None}
-    guide_trace, model_trace = trace_pair(model, guide, probe)
-    enumerated = any(
-        site["type"] == "sample" and site["infer"].get("enumerate") == "parallel"
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-    )
-    if enumerated and free_bits > 0:
-        raise ValueError("free bits are not available for models with enumerated sites")
-    annealed = annealed_sites(model, probe)
-    if kl_warmup_epochs and not annealed:
-        raise ValueError(
-            "kl_warmup_epochs is set but the model marks no site for KL warm-up; mark one with "
-            'pyro.sample(name, prior, infer={"kl_warmup": True})'
-        )
-    if enumerated:
-        nesting = plate_nesting(guide_trace, model_trace)
-        elbo_loss = TraceEnum_ELBO(max_plate_nesting=nesting)
-    elif free_bits > 0:
-        elbo_loss = free_bits_loss(free_bits)
-    else:
-        elbo_loss = Trace_ELBO()
+    objective = read_objective(model, guide, probe, free_bits, kl_warmup_epochs)
 
     pyro_validation = is_validation_enabled()
-    kl_weight = ScaleLatents(1.0, annealed)
+    kl_weight = ScaleLatents(1.0, objective.annealed)
     warm_model, warm_guide = kl_weight(bind_data(model)), kl_weight(bind_data(guide))
-    loss_fn = elbo_loss.differentiable_loss if isinstance(elbo_loss, ELBO) else elbo_loss
-    if frozen is not None:
-        loss_fn = quiet_about_frozen(loss_fn)
+    loss_fn = objective.loss(frozen=frozen is not None)
     optimizer = _Optimizer(lr)
-    rows, best, best_value, since_best, steps = [], None, -np.inf, 0, 0
+    stopper = EarlyStopping(patience, networks) if early_stopping else None
+    rows, steps = [], 0
     bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
     with freezing:  # after the probe: the free parameters exist
         for epoch in bar:
             start = time.perf_counter()
-            kl_weight.weight = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs else 1.0
+            kl_weight.weight = warmup_weight(epoch, kl_warmup_epochs)
             if networks is not None:
                 networks.train()
                 freezing.keep_eval()
@@ -380,11 +504,7 @@ def train(
                 steps += 1
             total_loss = float(total_loss)
             train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
-            if not np.isfinite(train_elbo):
-                raise FloatingPointError(
-                    f"training diverged at epoch {epoch}: the ELBO is {train_elbo}; "
-                    f"try a smaller learning rate than lr={lr}"
-                )
+            check_finite(train_elbo, epoch, lr)
             validation_elbo = np.nan
             if validation_data is not None:
                 validation_elbo = float(
@@ -400,19 +520,12 @@ def train(
                 }
             )
             bar.set_postfix(elbo=f"{train_elbo:.1f}", validation=f"{validation_elbo:.1f}")
-            if not early_stopping:
-                continue
-            if validation_elbo > best_value:
-                best, best_value, since_best = (epoch, _snapshot(networks)), validation_elbo, 0
-            else:
-                since_best += 1
-                if since_best >= patience:
-                    break
+            if stopper is not None and stopper.stop(epoch, validation_elbo):
+                break
     bar.close()
     best_epoch = rows[-1]["epoch"]
-    if early_stopping and best is not None:
-        best_epoch = best[0]
-        _restore(best[1], networks)
+    if stopper is not None:
+        best_epoch = stopper.restore_best() or best_epoch
     if networks is not None:
         networks.eval()
     return TrainResult(
@@ -420,5 +533,5 @@ def train(
         train_index=train_index,
         validation_index=validation_index,
         best_epoch=best_epoch,
-        elbo_name="free_bits" if free_bits > 0 and not enumerated else type(elbo_loss).__name__,
+        elbo_name=objective.name,
     )
