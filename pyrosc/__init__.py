@@ -6,10 +6,18 @@ statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.g
 :mod:`pyrosc.predictive_checks`). Label transfer from a reference to a mapped query:
 :func:`pyrosc.transfer_labels`. Differential expression: every class's
 ``differential_expression`` (for a pair: :mod:`pyrosc.differential_expression`), drawn by
-:func:`pyrosc.plot_de`.
+:func:`pyrosc.plot_de`. Several processes (PyTorch Lightning DDP, the extra
+``pyrosc[distributed]``): ``fit(strategy="ddp", devices=N)``, or :func:`pyrosc.distributed.train`.
 """
 
-from pyrosc import datasets, differential_expression, evaluate, predictive, predictive_checks
+from pyrosc import (
+    datasets,
+    differential_expression,
+    distributed,
+    evaluate,
+    predictive,
+    predictive_checks,
+)
 from pyrosc.api import GMVAE, SCANVI, SCVI, VAE
 from pyrosc.data import from_anndata, select_genes
 from pyrosc.de_results import plot_de
@@ -24,6 +32,7 @@ __all__ = [
     "VAE",
     "datasets",
     "differential_expression",
+    "distributed",
     "evaluate",
     "from_anndata",
     "plot_de",

@@ -99,6 +99,13 @@ class FrozenFit:
             for tensor, mask, saved in self.partly:
                 tensor.copy_(torch.where(mask, saved, tensor))
 
+    def to(self, device: torch.device | str) -> None:
+        """Move the masks and saved entries of the partly frozen tensors to ``device``, where
+        the tensors went after :meth:`__enter__` (a process of a distributed fit: its device)."""
+        self.partly = [
+            (tensor, mask.to(device), saved.to(device)) for tensor, mask, saved in self.partly
+        ]
+
     def keep_eval(self) -> None:
         """Put the frozen modules (BatchNorm) back in evaluation mode."""
         for module in self.eval_modules:

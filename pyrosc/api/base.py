@@ -22,14 +22,14 @@ import pyro
 import torch
 from torch import nn
 
-from pyrosc import evaluate, predictive, predictive_checks, traces
+from pyrosc import distributed, evaluate, predictive, predictive_checks, traces
 from pyrosc.api import persistence
 from pyrosc.api.differential_expression import DifferentialExpression
 from pyrosc.data import CountData, from_anndata, split_cells
 from pyrosc.freezing import Frozen
 from pyrosc.likelihoods import LIKELIHOODS
 from pyrosc.nets import check_sizes
-from pyrosc.train import TrainResult, resolve_device, train
+from pyrosc.train import TrainResult
 
 _LATENT_KEY = "X_pyrosc"
 _LOG_LIKELIHOOD_KEY = "pyrosc_log_likelihood"
@@ -113,6 +113,10 @@ class PyroscModel(DifferentialExpression):
         device: str = "auto",
         progress: bool = True,
         split: tuple[np.ndarray, np.ndarray] | None = None,
+        strategy: str | None = None,
+        devices: int | None = None,
+        accelerator: str | None = None,
+        num_nodes: int | None = None,
         **train_options: Any,
     ) -> PyroscModel:
         """Fit the model by SVI (see :func:`pyrosc.train.train` for every option, e.g.
@@ -125,21 +129,32 @@ class PyroscModel(DifferentialExpression):
         Refitting starts again from fresh networks and parameters (a query mapped onto a
         reference: from the reference's, see :meth:`load_query_data`).
 
+        Several processes (PyTorch Lightning DDP, the optional extra ``pyrosc[distributed]``;
+        see :mod:`pyrosc.distributed`): ``strategy="ddp"`` with ``devices`` processes per node
+        (``accelerator="cpu"`` or ``"gpu"``, ``num_nodes``); ``batch_size`` is then per
+        process. Without a ``strategy`` the fit runs in this process on ``device``.
+
         Args:
             split: ``(train_index, validation_index)``, cell positions, instead of a drawn
                 split.
+            strategy, devices, accelerator, num_nodes: training on several processes (see
+                :func:`pyrosc.distributed.train`).
 
         Returns:
             self, fitted; the history is in ``self.history``.
         """
-        self.device = resolve_device(device)
+        fit_pair, placement = distributed.trainer_for(
+            strategy, devices, accelerator, num_nodes, device
+        )
+        self.device = placement.get("device", torch.device("cpu"))
+        self._placement = placement
         self._split = self._draw_split(validation_fraction, seed, split)
         self._before_build(seed, batch_size=batch_size, lr=lr)
         pyro.set_rng_seed(seed)  # the networks' initial weights depend on the seed too
         self._pair = self._build()
         model, guide, networks = self._pair
         with pyro.get_param_store().scope(self._start_state()) as params:
-            self.train_result = train(
+            self.train_result = fit_pair(
                 model,
                 guide,
                 self.data,
@@ -150,12 +165,14 @@ class PyroscModel(DifferentialExpression):
                 split=self._split,
                 early_stopping=early_stopping,
                 seed=seed,
-                device=self.device,
                 progress=progress,
                 frozen=self._frozen(),
+                **placement,
                 **train_options,
             )
         self._params = params
+        if strategy is not None:  # where the fitted networks are (rank 0's, back on the CPU)
+            self.device = next(networks.parameters()).device
         return self
 
     def _draw_split(

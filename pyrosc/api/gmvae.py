@@ -136,8 +136,9 @@ class GMVAE(PyroscModel):
         vae = VAE(self.adata, c["likelihood"], c["layer"], None, c["n_latent"], c["n_hidden"],
                   c["n_layers"], c["dropout"])  # fmt: skip
         no_validation = (train_index, np.zeros(0, dtype=np.int64))
-        vae.fit(max_epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=self.device,
-                split=no_validation, progress=False)  # fmt: skip
+        # On the processes of the GMVAE's fit (self._placement: device, or strategy, devices...)
+        vae.fit(max_epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, split=no_validation,
+                progress=False, **self._placement)  # fmt: skip
         # The user's adata keeps no trace of the warm start.
         latent = vae._latent(vae.data.subset(train_index))
         kmeans = KMeans(c["n_clusters"], n_init=10, random_state=seed).fit(latent)
