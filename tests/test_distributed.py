@@ -215,6 +215,23 @@ def test_a_failing_rank_stops_the_others(data):
     assert time.perf_counter() - start < 120
 
 
+def test_a_weight_no_step_reaches_neither_hangs_nor_moves(data, monkeypatch):
+    monkeypatch.setenv("PYROSC_COMPILE", "0")
+    model, guide, networks = vae_pair(N_GENES)
+    networks["decoder"].unused = nn.Linear(2, 2)  # registered by pyro.module, never in a loss
+    before = copy.deepcopy(networks.state_dict())
+    with deadline(240):
+        result = distributed.train(
+            model, guide, data, networks=networks, devices=2, strategy="ddp_fork",
+            accelerator="cpu", max_epochs=1, batch_size=BATCH, validation_fraction=0,
+            progress=False,
+        )  # fmt: skip
+    assert len(result.history) == 1
+    after = networks.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before if ".unused." in n)
+    assert not all(torch.equal(after[n], before[n]) for n in before)
+
+
 @pytest.mark.slow
 def test_a_class_fitted_on_two_processes_answers_as_one(tmp_path):
     adata = simulate_counts(n_cells=200, n_genes=30)
