@@ -166,7 +166,20 @@ def trainer_for(
 
 
 def start_method(strategy: str) -> str:
-    """How Lightning starts the processes of ``strategy``: ``"spawn"`` or ``"fork"``."""
+    """How Lightning starts the processes of ``strategy``: ``"spawn"`` or ``"fork"``; or
+    ``"popen"`` under a launcher that started them already (torchrun, SLURM, LSF, MPI, as
+    Lightning detects them), where Lightning's launcher starts nothing and each process runs
+    its own rank."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    launchers = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment)
+    if any(environment.detect() for environment in launchers):
+        return "popen"
     if strategy in ("ddp_fork", "ddp_notebook"):
         return "fork"
     if strategy == "ddp_spawn":

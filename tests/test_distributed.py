@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
+import os
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -279,6 +281,46 @@ def test_enumeration_and_frozen_weights_on_two_processes(monkeypatch):
     torch.testing.assert_close(theta[:2], reference_theta, rtol=0, atol=0)
     start = query._query.start[0]  # the extended weights the fit started from
     assert any(not torch.equal(fitted[name], start[name]) for name in start)
+
+
+#: A script that torchrun runs in each of its processes: each fits, and prints its history.
+TORCHRUN_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import pyrosc
+from conftest import simulate_counts
+model = pyrosc.SCVI(simulate_counts(n_cells=200, n_genes=30), n_latent=2, n_hidden=8)
+model.fit(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, batch_size=32,
+          progress=False)
+print(json.dumps({{"rank": int(os.environ["RANK"]), "history": model.history.to_dict("list")}}))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_launched_process_fits(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    environment = os.environ | {"PYROSC_COMPILE": "0"}
+    done = subprocess.run(
+        [*command, str(script)], capture_output=True, text=True, timeout=300, env=environment
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(record["rank"] for record in records) == [0, 1]
+    histories = [record["history"] for record in records]
+    assert histories[0]["validation_elbo"] == histories[1]["validation_elbo"]
+    assert histories[0]["train_elbo"] == histories[1]["train_elbo"]
+
+
+def test_processes_start_by_spawn_fork_or_not_at_all(monkeypatch):
+    assert distributed.start_method("ddp") == "spawn"  # pytest is no interactive session
+    assert distributed.start_method("ddp_notebook") == distributed.start_method("ddp_fork")
+    assert distributed.start_method("ddp_fork") == "fork"
+    monkeypatch.setattr(sys, "ps1", "In : ", raising=False)  # as IPython sets it
+    assert distributed.start_method("ddp") == "fork"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "pyrosc-test")  # torchrun started the processes
+    assert distributed.start_method("ddp") == "popen"
 
 
 def test_ranks_take_turns_and_the_same_number_of_steps(data):
