@@ -317,6 +317,15 @@ def train(
     )
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is the one that writes results: True unless it belongs to a
+    process group (as each process a launcher started does after a fit) with a rank other
+    than 0."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    return torch.distributed.get_rank() == 0
+
+
 def _check_placement(
     strategy: str, devices: int, accelerator: str, num_nodes: int, n_train: int, batch_size: int
 ) -> None:

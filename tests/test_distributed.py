@@ -292,14 +292,16 @@ from conftest import simulate_counts
 model = pyrosc.SCVI(simulate_counts(n_cells=200, n_genes=30), n_latent=2, n_hidden=8)
 model.fit(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, batch_size=32,
           progress=False)
-print(json.dumps({{"rank": int(os.environ["RANK"]), "history": model.history.to_dict("list")}}))
+rank = int(os.environ["RANK"])
+model.save(os.path.join({out!r}, f"rank{{rank}}"))  # rank 0 writes, the other does not
+print(json.dumps({{"rank": rank, "history": model.history.to_dict("list")}}))
 """
 
 
 @pytest.mark.slow
 def test_under_torchrun_each_launched_process_fits(tmp_path):
     script = tmp_path / "fit.py"
-    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     environment = os.environ | {"PYROSC_COMPILE": "0"}
     done = subprocess.run(
@@ -311,6 +313,7 @@ def test_under_torchrun_each_launched_process_fits(tmp_path):
     histories = [record["history"] for record in records]
     assert histories[0]["validation_elbo"] == histories[1]["validation_elbo"]
     assert histories[0]["train_elbo"] == histories[1]["train_elbo"]
+    assert (tmp_path / "rank0" / "model.pt").exists() and not (tmp_path / "rank1").exists()
 
 
 def test_processes_start_by_spawn_fork_or_not_at_all(monkeypatch):

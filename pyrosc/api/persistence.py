@@ -21,6 +21,7 @@ import torch
 from pyro import poutine
 
 from pyrosc import traces
+from pyrosc.distributed import is_rank_zero
 from pyrosc.train import TrainResult, free_parameter_names, resolve_device
 
 if TYPE_CHECKING:
@@ -31,8 +32,13 @@ FORMAT = 1
 
 def save(model: PyroscModel, path: str | Path, extra: dict | None = None) -> Path:
     """Write the fitted ``model`` to the directory ``path`` (created if needed), with the
-    JSON-able ``extra`` entries (e.g. a query's reference sizes) in ``config.json``."""
+    JSON-able ``extra`` entries (e.g. a query's reference sizes) in ``config.json``.
+
+    In processes that a launcher started (torchrun), which all hold the fitted model, rank 0
+    writes and the others only return ``path``."""
     path = Path(path)
+    if not is_rank_zero():
+        return path
     path.mkdir(parents=True, exist_ok=True)
     with model._scope() as (_, _, networks):
         store = pyro.get_param_store()  # module weights are saved with their module
