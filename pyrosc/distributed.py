@@ -36,9 +36,10 @@ How processes start (``strategy``):
   task per device), which Lightning detects, nothing is started: each launched process runs the
   script, fits, and ends up with the fitted model. That is how to use several nodes.
 
-Lightning's own ``"ddp"``, which starts the processes by running the script's command line
-again, is not used: under pytest it would run the test session again, and a notebook has no
-command line.
+Lightning's own ``"ddp"`` start, which runs the script's command line again in each new
+process, is never used to start processes: under pytest it would run the test session again,
+and a notebook has no command line. Its launcher serves only under an external launcher,
+where it starts nothing.
 
 Rank 0's fitted parameters come back to the calling process and are left where a fit on one
 process leaves them: in the networks (in place) and in the current Pyro parameter store.
