@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -135,6 +136,32 @@ class SCVI(BatchModel):
             layer_norm=layer_norm,
             deeply_inject_covariates=deeply_inject_covariates,
         )
+
+    @classmethod
+    def from_scvi_tools(cls, path: str | Path, adata: ad.AnnData, device: str = "cpu") -> SCVI:
+        """Open a model saved by scvi-tools' ``SCVI.save`` (its directory) as a fitted SCVI, set
+        up on ``adata`` (the saved genes, in order; the saved batch and covariate columns).
+
+        The file is read without running code from it (tensors, numpy arrays and plain values
+        only; anything else is refused, named). Encoder, decoder, dispersion and library prior
+        map onto this class's networks exactly, so ``latent()`` equals scvi-tools'
+        ``get_latent_representation()``; every question of a fitted model works on it. A
+        setting pyrosc cannot represent (a logistic-normal latent, batch embeddings, the
+        "gene-label" dispersion, ...) is a ``ValueError`` naming it. See
+        :func:`pyrosc.scvi_tools_io.open_scvi_tools`.
+        """
+        from pyrosc.scvi_tools_io import open_scvi_tools  # here: it imports pyrosc.api
+
+        return open_scvi_tools(cls, path, adata, device)
+
+    def to_scvi_tools(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write this fitted SCVI as a directory that scvi-tools' ``SCVI.load(path, adata)``
+        reads (its ``model.pt``, as scvi-tools 1.4.2 saves it). The "zip" likelihood, which
+        scvi-tools lacks, is a ``ValueError``. See
+        :func:`pyrosc.scvi_tools_io.write_scvi_tools`."""
+        from pyrosc.scvi_tools_io import write_scvi_tools
+
+        return write_scvi_tools(self, path, overwrite)
 
     def _layer_style(self, part: str) -> LayerStyle:
         """The hidden layers of the ``part`` networks (``"encoder"``: the encoders of z and of
