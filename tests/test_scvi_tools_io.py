@@ -165,6 +165,17 @@ def test_query_maps_onto_an_opened_reference_and_takes_its_labels(census_like, c
     assert agreement > 0.8  # the reference's latent separates the cell lines
 
 
+def test_scanvi_starts_from_an_opened_scvi(census_like):
+    with pytest.warns(UserWarning, match="every cell is taken as labelled"):
+        scanvi = pyrosc.SCANVI.from_scvi(census_like, "cell_type", "Unknown")
+    assert scanvi.config["layer_norm"] == "both" and scanvi.config["batch_norm"] == "none"
+    _, _, networks = scanvi._build()
+    with census_like._scope() as (_, _, reference):
+        for name in ("encoder", "decoder", "library_encoder"):
+            for key, value in reference[name].state_dict().items():
+                torch.testing.assert_close(networks[name].state_dict()[key], value)
+
+
 # -- pyrosc -> scvi-tools ----------------------------------------------------------------------
 
 
