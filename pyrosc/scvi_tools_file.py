@@ -143,4 +143,10 @@ def read_model_file(directory: str | Path) -> dict[str, Any]:
             f"{path} is not a model saved by scvi-tools' save(): expected a dictionary of "
             f"{', '.join(expected)}, found {keys}"
         )
+    names = saved["var_names"]
+    if not isinstance(names, (np.ndarray, list, tuple)):
+        raise ValueError(
+            f"{path} holds its gene names as a {type(names).__name__} ({names!r}), not as the "
+            "numpy array scvi-tools' SCVI saves (a MuData model or another format)"
+        )
     return saved

@@ -67,10 +67,8 @@ def open_scvi_tools(
         )
     saved = read_model_file(path)
     settings = read_settings(saved["attr_dict"])
-    var_names = saved["var_names"]
-    if isinstance(var_names, dict):
-        raise ValueError("this scvi-tools model was set up on a MuData; pyrosc reads AnnData")
-    persistence.check_genes(adata, [str(name) for name in np.asarray(var_names).ravel()])
+    var_names = [str(name) for name in np.asarray(saved["var_names"]).ravel()]
+    persistence.check_genes(adata, var_names)
     model = cls(adata, **settings.config)
     # Codes as scvi-tools made them (its registry's order), all its categories included.
     model.data = model._validated(adata, None, settings.categories)

@@ -155,6 +155,8 @@ def from_scvi(
             log_theta.exp().T if log_theta.dim() == 2 else log_theta.exp()
         )
     _check_shapes(ours, template)
+    if "inverse_dispersion" in params:
+        _check_dispersion(params["inverse_dispersion"], networks, config)
     left = [
         name
         for name in state
@@ -181,6 +183,22 @@ def _check_shapes(ours: Mapping[str, Tensor], template: Mapping[str, Tensor]) ->
                 f"{tuple(ours[name].shape)}, pyrosc's network {tuple(value.shape)}: the file's "
                 "tensors and settings disagree"
             )
+
+
+def _check_dispersion(theta: Tensor, networks: nn.Module, config: Mapping[str, Any]) -> None:
+    """``theta`` is ``(genes,)`` ("gene") or ``(batches, genes)`` ("gene-batch")."""
+    decoder = networks.get_submodule("decoder.expression")
+    n_genes = decoder.proportion_logits.out_features
+    shape: tuple[int, ...] = (n_genes,)
+    if config["dispersion"] == "gene-batch":
+        sizes = decoder.body.covariate_sizes
+        shape = (sizes[0] if config.get("batch_key") is not None else 1, n_genes)
+    if tuple(theta.shape) != shape:
+        raise ValueError(
+            f"the scvi-tools px_r gives an inverse dispersion of shape {tuple(theta.shape)}; "
+            f"pyrosc's {config['dispersion']!r} dispersion has {shape}: the file's tensors and "
+            "settings disagree"
+        )
 
 
 def to_scvi(

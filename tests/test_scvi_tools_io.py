@@ -23,6 +23,7 @@ import pyrosc
 from pyrosc import SCVI, traces
 from pyrosc.scvi_tools_file import read_model_file
 from pyrosc.scvi_tools_settings import read_settings
+from pyrosc.scvi_tools_weights import from_scvi
 
 RTOL = 1e-5
 
@@ -318,6 +319,24 @@ def test_another_scvi_tools_model_class_is_refused():
     attr_dict["registry_"]["model_name"] = "SCANVI"
     with pytest.raises(ValueError, match="scvi-tools SCANVI"):
         read_settings(attr_dict)
+
+
+def test_tensors_that_disagree_with_the_settings_are_named(cells):
+    saved = read_model_file(FIXTURES / "one_layer")
+    settings = read_settings(saved["attr_dict"])
+    model = SCVI(cells, **settings.config)
+    model.data = model._validated(cells, None, settings.categories)
+    networks = model._networks()
+    state = dict(saved["model_state_dict"])
+    from_scvi(state, networks, settings.config)  # as saved: fine
+    missing = {k: v for k, v in state.items() if k != "z_encoder.mean_encoder.bias"}
+    with pytest.raises(ValueError, match="no tensor 'z_encoder.mean_encoder.bias'"):
+        from_scvi(missing, networks, settings.config)
+    with pytest.raises(ValueError, match="no place for: \\['decoder.extra'\\]"):
+        from_scvi({**state, "decoder.extra": torch.zeros(1)}, networks, settings.config)
+    narrow = {**state, "px_r": torch.zeros(199)}
+    with pytest.raises(ValueError, match="inverse dispersion of shape \\(199,\\)"):
+        from_scvi(narrow, networks, settings.config)
 
 
 def test_genes_of_adata_must_be_the_saved_ones(cells):
