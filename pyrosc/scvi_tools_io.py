@@ -86,7 +86,7 @@ def write_scvi_tools(model: SCVI, path: str | Path, overwrite: bool = False) -> 
 
     Only ``model.pt`` is written (tensors, numpy arrays and plain values: the settings and
     registry of scvi-tools 1.4.2, which holds the genes and the category names in pyrosc's
-    code order). scvi-tools calls the batch of a model without a ``batch_key`` "0".
+    code order). A model without a ``batch_key`` is one batch, coded 0, as scvi-tools sets it up.
 
     Args:
         model: a fitted :class:`pyrosc.SCVI` (not a SCANVI).

@@ -321,6 +321,13 @@ def test_another_scvi_tools_model_class_is_refused():
         read_settings(attr_dict)
 
 
+def test_opening_leaves_the_users_anndata_as_it_was(cells):
+    adata = cells.copy()
+    SCVI.from_scvi_tools(FIXTURES / "encoded_covariates", adata)
+    pd.testing.assert_frame_equal(adata.obs, cells.obs)
+    assert (adata.X != cells.X).nnz == 0 and list(adata.layers) == list(adata.obsm) == []
+
+
 def test_tensors_that_disagree_with_the_settings_are_named(cells):
     saved = read_model_file(FIXTURES / "one_layer")
     settings = read_settings(saved["attr_dict"])
