@@ -200,7 +200,7 @@ def test_pyrosc_fits_round_trip_through_the_scvi_tools_format(
     options, cells, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("PYROSC_COMPILE", "0")
-    fitted = SCVI(cells, n_latent=3, n_hidden=8, **options).fit(
+    fitted = SCVI(cells.copy(), n_latent=3, n_hidden=8, **options).fit(
         max_epochs=1, batch_size=64, validation_fraction=0, progress=False
     )
     fitted.to_scvi_tools(tmp_path / "scvi")
@@ -214,7 +214,7 @@ def test_pyrosc_fits_round_trip_through_the_scvi_tools_format(
 
 
 def test_a_likelihood_scvi_tools_lacks_is_not_written(cells, tmp_path):
-    fitted = SCVI(cells, likelihood="zip", n_latent=2, n_hidden=8).fit(
+    fitted = SCVI(cells.copy(), likelihood="zip", n_latent=2, n_hidden=8).fit(
         max_epochs=1, validation_fraction=0, progress=False
     )
     with pytest.raises(ValueError, match="no likelihood 'zip'"):
@@ -322,10 +322,11 @@ def test_another_scvi_tools_model_class_is_refused():
 
 
 def test_opening_leaves_the_users_anndata_as_it_was(cells):
-    adata = cells.copy()
+    adata, before = cells.copy(), cells.copy()
     SCVI.from_scvi_tools(FIXTURES / "encoded_covariates", adata)
-    pd.testing.assert_frame_equal(adata.obs, cells.obs)
-    assert (adata.X != cells.X).nnz == 0 and list(adata.layers) == list(adata.obsm) == []
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    assert (adata.X != before.X).nnz == 0
+    assert list(adata.layers) == list(before.layers) and list(adata.obsm) == list(before.obsm)
 
 
 def test_tensors_that_disagree_with_the_settings_are_named(cells):
