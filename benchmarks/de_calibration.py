@@ -56,8 +56,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from measure import HERE, machine, run_python
-from views import DATA, markdown_table
+from measure import HERE, machine, run_python, train_scvi_tools
+from views import DATA, markdown_table, report_header, write_results
 
 ARCHITECTURE = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
 TARGETS = (0.05, 0.1)
@@ -166,19 +166,7 @@ def run_pyrosc(adata: ad.AnnData, epochs: int, seed: int) -> dict:
 
 
 def run_scvi_tools(adata: ad.AnnData, epochs: int, seed: int) -> dict:
-    import scvi
-
-    scvi.settings.seed = seed
-    adata = adata.copy()
-    scvi.model.SCVI.setup_anndata(adata)
-    model = scvi.model.SCVI(
-        adata, gene_likelihood="nb", dispersion="gene", dropout_rate=0.1, **ARCHITECTURE
-    )
-    trainer = {"accelerator": "cpu", "devices": 1, "train_size": 1.0, "batch_size": 128}
-    trainer |= {"early_stopping": False, "enable_progress_bar": False}
-    started = time.perf_counter()
-    model.train(max_epochs=epochs, **trainer)
-    fit_seconds = time.perf_counter() - started
+    model, adata, fit_seconds = train_scvi_tools(adata, ARCHITECTURE, epochs, seed)
     result = {"fit_seconds": fit_seconds, "calls": {}}
     for q in TARGETS:
         started = time.perf_counter()
@@ -348,14 +336,14 @@ def main() -> None:
     info = machine()
     load = os.getloadavg()
     lines = [
-        "# Differential expression on simulated fold changes: pyrosc vs scvi-tools 1.4.2",
-        "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC on {info['cpu']} ({info['logical_cpus']} "
-        f"logical CPUs), {args.threads} torch threads. Python {info['python']}, torch "
-        f"{info['torch']}, pyro-ppl {info['pyro-ppl']}, scvi-tools {info['scvi-tools']}, "
-        f"pyrosc {info['pyrosc_commit']}.",
-        "",
-        f"Command: `python benchmarks/de_calibration.py {' '.join(sys.argv[1:])}`".rstrip(),
+        *report_header(
+            "Differential expression on simulated fold changes: pyrosc vs scvi-tools 1.4.2",
+            started,
+            info,
+            args.threads,
+            "de_calibration.py",
+            sys.argv[1:],
+        ),
         "",
         f"{args.cells} cells of PBMC 3k (2,000 genes) per seed, split at random into A and B; "
         f"{args.n_de} genes changed in B by log2 fold changes ±{LOG2_FOLD_CHANGES}; NB counts "
@@ -375,11 +363,7 @@ def main() -> None:
         f"{max(r['max_abs_true_lfc_unchanged'] for r in rows):.3f}. Load average at the end: "
         f"{load[0]:.2f} (timings not reported here).",
     ]
-    args.out.write_text("\n".join(lines) + "\n")
-    with args.out.with_suffix(".jsonl").open("w") as handle:
-        for result in raw:
-            handle.write(json.dumps(result) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, lines, raw)
 
 
 if __name__ == "__main__":

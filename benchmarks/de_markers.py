@@ -42,8 +42,8 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import torch
-from measure import HERE, machine, run_python
-from views import DATA, markdown_table
+from measure import HERE, machine, run_python, train_scvi_tools
+from views import DATA, markdown_table, report_header, write_results
 
 ARCHITECTURE = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
 DELTA = 0.25
@@ -71,6 +71,19 @@ def ranks_of(lists: dict[str, list[str]]) -> dict[str, dict[str, int]]:
     return {
         kind: {gene: genes.index(gene) + 1 for gene in MARKERS[kind] if gene in genes}
         for kind, genes in lists.items()
+    }
+
+
+def tool_result(fit_seconds, times, lists: dict[str, list[str]], table: pd.DataFrame) -> dict:
+    """A model tool's result: fit and DE times, marker ranks, genes called per type, top 5."""
+    called = table.groupby("group1", sort=False)["is_de_fdr_0.05"].sum()
+    return {
+        "fit_seconds": fit_seconds,
+        "de_seconds": [t for t, _ in times],
+        "load_before": [load for _, load in times],
+        "ranks": ranks_of(lists),
+        "called_0.05": {str(k): int(v) for k, v in called.items()},
+        "top5": {kind: genes[:5] for kind, genes in lists.items()},
     }
 
 
@@ -109,34 +122,17 @@ def run_pyrosc(adata, models, epochs, fit, repeats) -> dict:
         times.append(timed_load(call))
     table = results["table"]
     lists = {kind: rows["gene"].tolist() for kind, rows in table.groupby("group1", sort=False)}
-    called = table.groupby("group1", sort=False)["is_de_fdr_0.05"].sum()
-    return {
-        "fit_seconds": fit_seconds,
-        "de_seconds": [t for t, _ in times],
-        "load_before": [load for _, load in times],
-        "ranks": ranks_of(lists),
-        "called_0.05": {k: int(v) for k, v in called.items()},
-        "top5": {kind: genes[:5] for kind, genes in lists.items()},
-    }
+    return tool_result(fit_seconds, times, lists, table)
 
 
 def scvi_model(adata: ad.AnnData, models: Path, epochs: int, fit: bool):
     import scvi
 
-    scvi.settings.seed = 0
-    adata = adata.copy()
     path = models / "scvi-tools"
     if not fit:
+        adata = adata.copy()
         return scvi.model.SCVI.load(str(path), adata=adata), None, adata
-    scvi.model.SCVI.setup_anndata(adata)
-    model = scvi.model.SCVI(
-        adata, gene_likelihood="nb", dispersion="gene", dropout_rate=0.1, **ARCHITECTURE
-    )
-    trainer = {"accelerator": "cpu", "devices": 1, "train_size": 1.0, "batch_size": 128}
-    trainer |= {"early_stopping": False, "enable_progress_bar": False}
-    started = time.perf_counter()
-    model.train(max_epochs=epochs, **trainer)
-    fit_seconds = time.perf_counter() - started
+    model, adata, fit_seconds = train_scvi_tools(adata, ARCHITECTURE, epochs, seed=0)
     model.save(str(path), overwrite=True)
     return model, fit_seconds, adata
 
@@ -160,15 +156,7 @@ def run_scvi_tools(adata, models, epochs, fit, repeats) -> dict:
             ["up", "proba_de", "lfc_mean"], ascending=False, kind="stable"
         )
         lists[str(kind)] = ordered["gene"].tolist()
-    called = table.groupby("group1", sort=False)["is_de_fdr_0.05"].sum()
-    return {
-        "fit_seconds": fit_seconds,
-        "de_seconds": [t for t, _ in times],
-        "load_before": [load for _, load in times],
-        "ranks": ranks_of(lists),
-        "called_0.05": {str(k): int(v) for k, v in called.items()},
-        "top5": {kind: genes[:5] for kind, genes in lists.items()},
-    }
+    return tool_result(fit_seconds, times, lists, table)
 
 
 def run_scanpy(adata, models, epochs, fit, repeats) -> dict:
@@ -270,14 +258,14 @@ def main() -> None:
         {r["tool"]: r["called_0.05"] for r in results if "called_0.05" in r}
     ).rename_axis("cell type")
     lines = [
-        "# Textbook markers in one-vs-rest DE on PBMC 3k: pyrosc, scvi-tools 1.4.2, scanpy",
-        "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC on {info['cpu']} ({info['logical_cpus']} "
-        f"logical CPUs), {args.threads} torch threads. Python {info['python']}, torch "
-        f"{info['torch']}, pyro-ppl {info['pyro-ppl']}, scvi-tools {info['scvi-tools']}, "
-        f"pyrosc {info['pyrosc_commit']}.",
-        "",
-        f"Command: `python benchmarks/de_markers.py {' '.join(sys.argv[1:])}`".rstrip(),
+        *report_header(
+            "Textbook markers in one-vs-rest DE on PBMC 3k: pyrosc, scvi-tools 1.4.2, scanpy",
+            started,
+            info,
+            args.threads,
+            "de_markers.py",
+            sys.argv[1:],
+        ),
         "",
         f"2,638 labelled cells, 2,000 genes; scVI (NB) {epochs} epochs per model tool; change "
         f"mode, delta {DELTA}; ranks among genes higher in the type (see the script).",
@@ -294,11 +282,7 @@ def main() -> None:
             markdown_table(called.reset_index()),
         ]
     lines += ["", "Wall time of the one-vs-rest DE call alone:", "", markdown_table(timing, 1)]
-    args.out.write_text("\n".join(lines) + "\n")
-    with args.out.with_suffix(".jsonl").open("w") as handle:
-        for result in results:
-            handle.write(json.dumps(result) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, lines, results)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,22 @@ def machine() -> dict:
         "pyrosc_commit": commit or "unknown",
         **versions,
     }
+
+
+def train_scvi_tools(adata, architecture: dict, epochs: int, seed: int, likelihood: str = "nb"):
+    """scvi-tools' SCVI on ``adata`` (a copy is set up) at the settings the DE benchmarks match:
+    gene dispersion, dropout 0.1, minibatch 128, every cell training, no early stopping, on the
+    CPU. Returns the model, the AnnData it holds and the fit's wall seconds."""
+    import scvi
+
+    scvi.settings.seed = seed
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(
+        adata, gene_likelihood=likelihood, dispersion="gene", dropout_rate=0.1, **architecture
+    )
+    trainer = {"accelerator": "cpu", "devices": 1, "train_size": 1.0, "batch_size": 128}
+    trainer |= {"early_stopping": False, "enable_progress_bar": False}
+    started = time.perf_counter()
+    model.train(max_epochs=epochs, **trainer)
+    return model, adata, time.perf_counter() - started

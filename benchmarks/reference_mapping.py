@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 from measure import HERE, machine, run_python
-from views import DATA, markdown_table
+from views import DATA, markdown_table, write_results
 
 REFERENCE = ("sc_celseq2_5cl_p1", "sc_celseq2_5cl_p2", "sc_celseq2_5cl_p3")
 ARCHITECTURE = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
@@ -287,11 +287,7 @@ def main() -> None:
         "",
         markdown_table(table(results)),
     ]
-    args.out.write_text("\n".join(lines) + "\n")
-    with args.out.with_suffix(".jsonl").open("w") as handle:
-        for result in results:
-            handle.write(json.dumps(result) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, lines, results)
 
 
 if __name__ == "__main__":

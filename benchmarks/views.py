@@ -3,6 +3,7 @@ the benchmark scripts, and a markdown table for their results."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -30,3 +31,27 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
     lines.append("|" + "---|" * len(table.columns))
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def write_results(out: Path, lines: list[str], results: list[dict]) -> None:
+    """Write a benchmark's markdown report to ``out`` and its raw results beside it, one JSON
+    object per line in ``out`` with the suffix ``.jsonl``."""
+    out.write_text("\n".join(lines) + "\n")
+    with out.with_suffix(".jsonl").open("w") as handle:
+        for result in results:
+            handle.write(json.dumps(result) + "\n")
+    print(f"wrote {out}")
+
+
+def report_header(title: str, started, info: dict, threads: int, script: str, argv: list[str]):
+    """The first lines of a benchmark report: title, when and where, versions, the command."""
+    return [
+        f"# {title}",
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on {info['cpu']} ({info['logical_cpus']} "
+        f"logical CPUs), {threads} torch threads. Python {info['python']}, torch "
+        f"{info['torch']}, pyro-ppl {info['pyro-ppl']}, scvi-tools {info['scvi-tools']}, "
+        f"pyrosc {info['pyrosc_commit']}.",
+        "",
+        f"Command: `python benchmarks/{script} {' '.join(argv)}`".rstrip(),
+    ]

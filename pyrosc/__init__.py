@@ -6,8 +6,10 @@ statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.g
 :mod:`pyrosc.predictive_checks`). Label transfer from a reference to a mapped query:
 :func:`pyrosc.transfer_labels`. Differential expression: every class's
 ``differential_expression`` (for a pair: :mod:`pyrosc.differential_expression`), drawn by
-:func:`pyrosc.plot_de`. Several processes (PyTorch Lightning DDP, the extra
-``pyrosc[distributed]``): ``fit(strategy="ddp", devices=N)``, or :func:`pyrosc.distributed.train`.
+:func:`pyrosc.plot_de`. Models saved by scvi-tools: ``pyrosc.SCVI.from_scvi_tools`` (and
+``SCVI.to_scvi_tools``), :mod:`pyrosc.scvi_tools_io`. Several processes (PyTorch Lightning
+DDP, the extra ``pyrosc[distributed]``): ``fit(strategy="ddp", devices=N)``, or
+:func:`pyrosc.distributed.train`.
 """
 
 from pyrosc import (

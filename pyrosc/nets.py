@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -72,11 +73,37 @@ def one_hot_covariates(covariates: Tensor | None, sizes: Sequence[int]) -> list[
     return [F.one_hot(covariates[..., i], size).float() for i, size in enumerate(sizes)]
 
 
-class MLP(nn.Module):
-    """Fully connected layers: ``Linear -> BatchNorm -> ReLU -> Dropout``, repeated.
+@dataclass(frozen=True)
+class LayerStyle:
+    """How the hidden layers of an :class:`MLP` are built, beyond their sizes.
 
-    As in scVI, categorical covariates (one-hot) are concatenated to the input of every layer,
-    so that each layer can shift its output by batch.
+    The default is scVI's layer: ``Linear -> BatchNorm -> ReLU -> Dropout``, covariates into
+    every layer. The other settings are scvi-tools' options, so that its trained networks
+    (the CELLxGENE Census scVI: layer norm, no BatchNorm) can be represented exactly.
+
+    Attributes:
+        batch_norm: BatchNorm after each linear map (scvi-tools' momentum 0.01 and eps 1e-3).
+        layer_norm: LayerNorm without affine weights after it (after BatchNorm when both), as
+            scvi-tools' ``use_layer_norm``.
+        covariates_every_layer: the one-hot covariates enter every layer (scvi-tools'
+            ``deeply_inject_covariates=True``, its default), or the first only.
+    """
+
+    batch_norm: bool = True
+    layer_norm: bool = False
+    covariates_every_layer: bool = True
+
+
+#: scVI's layer, the default of every network here.
+SCVI_LAYERS = LayerStyle()
+
+
+class MLP(nn.Module):
+    """Fully connected layers: ``Linear -> BatchNorm -> ReLU -> Dropout``, repeated (other
+    normalisations: see :class:`LayerStyle`).
+
+    As in scVI, categorical covariates (one-hot) are concatenated to the input of every layer
+    (or of the first only, per ``style``), so that each layer can shift its output by batch.
 
     Args:
         n_input: input features.
@@ -90,6 +117,7 @@ class MLP(nn.Module):
             (batch first), which reference mapping extends with a query's new categories
             (:mod:`pyrosc.surgery`); or ``"latent"``, the values of a discrete latent of the
             model (scANVI's cell type ``y``), fixed by the model and never extended.
+        style: the normalisation of each layer and where the covariates enter.
 
     Raises:
         ValueError: a size below 1 or not an integer, or dropout outside [0, 1).
@@ -104,6 +132,7 @@ class MLP(nn.Module):
         covariate_sizes: Sequence[int] = (),
         n_continuous: int = 0,
         covariate_role: str = "data",
+        style: LayerStyle = SCVI_LAYERS,
     ) -> None:
         super().__init__()
         check_sizes(n_input=n_input, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
@@ -114,16 +143,26 @@ class MLP(nn.Module):
         self.covariate_sizes = tuple(int(s) for s in covariate_sizes)
         self.covariate_role = covariate_role
         self.n_continuous = int(n_continuous)
+        self.style = style
         n_extra = sum(self.covariate_sizes)
         self.linears = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(n_layers):
             n_in = n_input + self.n_continuous if i == 0 else n_hidden
-            self.linears.append(nn.Linear(n_in + n_extra, n_hidden))
+            self.linears.append(nn.Linear(n_in + n_extra * self.takes_covariates(i), n_hidden))
             # scvi-tools' BatchNorm settings: slow running statistics, eps 1e-3.
-            self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
+            norm = nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3)
+            self.norms.append(norm if style.batch_norm else nn.Identity())
+        # No weights: one module serves every layer.
+        self.layer_norm = (
+            nn.LayerNorm(n_hidden, elementwise_affine=False) if style.layer_norm else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.n_output = n_hidden
+
+    def takes_covariates(self, layer: int) -> bool:
+        """Whether the one-hot covariates enter hidden layer ``layer`` (0: the first)."""
+        return layer == 0 or self.style.covariates_every_layer
 
     def forward(
         self, x: Tensor, covariates: Tensor | None = None, continuous: Tensor | None = None
@@ -144,10 +183,15 @@ class MLP(nn.Module):
             shape = torch.broadcast_shapes(x.shape[:-1], *(h.shape[:-1] for h in one_hots))
             x = x.expand(*shape, x.shape[-1])
             one_hots = [h.expand(*shape, h.shape[-1]) for h in one_hots]
-        for linear, norm in zip(self.linears, self.norms, strict=True):
-            h = linear(torch.cat([x, *one_hots], dim=-1)) if one_hots else linear(x)
+        for i, (linear, norm) in enumerate(zip(self.linears, self.norms, strict=True)):
+            if one_hots and self.takes_covariates(i):
+                h = linear(torch.cat([x, *one_hots], dim=-1))
+            else:
+                h = linear(x)
             # BatchNorm1d needs (batch, features): fold every leading dimension into one.
             h = norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+            if self.layer_norm is not None:
+                h = self.layer_norm(h)
             x = self.dropout(F.relu(h))
         return x
 
@@ -158,7 +202,7 @@ class GaussianEncoder(nn.Module):
     Args:
         n_input: input features (genes, usually).
         n_output: latent dimensions.
-        n_hidden, n_layers, dropout, covariate_sizes, n_continuous, covariate_role: as
+        n_hidden, n_layers, dropout, covariate_sizes, n_continuous, covariate_role, style: as
             :class:`MLP`.
         min_variance: floor added to the variance, as scVI's ``var_eps``.
     """
@@ -174,11 +218,19 @@ class GaussianEncoder(nn.Module):
         min_variance: float = 1e-4,
         n_continuous: int = 0,
         covariate_role: str = "data",
+        style: LayerStyle = SCVI_LAYERS,
     ) -> None:
         super().__init__()
         check_sizes(n_output=n_output)
         self.body = MLP(
-            n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous, covariate_role
+            n_input,
+            n_hidden,
+            n_layers,
+            dropout,
+            covariate_sizes,
+            n_continuous,
+            covariate_role,
+            style,
         )
         self.loc = nn.Linear(n_hidden, n_output)
         self.log_variance = nn.Linear(n_hidden, n_output)
@@ -204,7 +256,7 @@ class CountDecoder(nn.Module):
     Args:
         n_input: latent dimensions.
         n_genes: genes.
-        n_hidden, n_layers, covariate_sizes, n_continuous: as :class:`MLP`.
+        n_hidden, n_layers, covariate_sizes, n_continuous, style: as :class:`MLP`.
         dropout: dropout in the hidden layers (scVI's decoder uses none).
         gate: whether to output zero-inflation gate logits.
     """
@@ -219,11 +271,14 @@ class CountDecoder(nn.Module):
         covariate_sizes: Sequence[int] = (),
         gate: bool = False,
         n_continuous: int = 0,
+        style: LayerStyle = SCVI_LAYERS,
     ) -> None:
         super().__init__()
         check_sizes(n_genes=n_genes)
         self.n_input = n_input
-        self.body = MLP(n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous)
+        self.body = MLP(
+            n_input, n_hidden, n_layers, dropout, covariate_sizes, n_continuous, style=style
+        )
         self.proportion_logits = nn.Linear(n_hidden, n_genes)
         self.gate_logits = nn.Linear(n_hidden, n_genes) if gate else None
 
@@ -247,8 +302,8 @@ class ScviDecoder(nn.Module):
     units for a per-cell inverse dispersion ``theta_ng`` (scVI's ``dispersion="gene-cell"``).
 
     Args:
-        n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate, n_continuous: as
-            :class:`CountDecoder`.
+        n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate, n_continuous,
+            style: as :class:`CountDecoder`.
         cell_dispersion: whether to output an inverse dispersion per cell and gene.
     """
 
@@ -263,11 +318,20 @@ class ScviDecoder(nn.Module):
         gate: bool = False,
         cell_dispersion: bool = False,
         n_continuous: int = 0,
+        style: LayerStyle = SCVI_LAYERS,
     ) -> None:
         super().__init__()
         self.n_input = n_input
         self.expression = CountDecoder(
-            n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate, n_continuous
+            n_input,
+            n_genes,
+            n_hidden,
+            n_layers,
+            dropout,
+            covariate_sizes,
+            gate,
+            n_continuous,
+            style,
         )
         self.log_inverse_dispersion = nn.Linear(n_hidden, n_genes) if cell_dispersion else None
 

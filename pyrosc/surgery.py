@@ -3,7 +3,7 @@
 A fitted reference model is extended to a query's new categories (batches, donors, ...) of its
 categorical covariates, without refitting the reference:
 
-* every :class:`pyrosc.nets.MLP` gets one more input column per new category, in every layer
+* every :class:`pyrosc.nets.MLP` gets one more input column per new category, in each layer
   that sees the one-hot covariates (its weight is widened; the reference's columns keep their
   values, so every reference category keeps its code and its meaning);
 * every free parameter with one slice per category (scVI's "gene-batch" inverse dispersion)
@@ -147,7 +147,8 @@ def add_categories(
     networks: nn.Module, reference_sizes: Sequence[int], added: Sequence[int]
 ) -> None:
     """Widen, in place, every covariate-seeing :class:`pyrosc.nets.MLP` of ``networks`` by
-    ``added[i]`` input columns for covariate ``i``, after that covariate's reference columns.
+    ``added[i]`` input columns for covariate ``i``, after that covariate's reference columns,
+    in each of its layers that sees the covariates (:meth:`pyrosc.nets.MLP.takes_covariates`).
 
     Args:
         networks: modules built from :mod:`pyrosc.nets`, as fitted on the reference.
@@ -166,7 +167,8 @@ def add_categories(
                 f"reference's {tuple(reference_sizes[:k])}"
             )
         for j, linear in enumerate(mlp.linears):
-            mlp.linears[j] = _widened(linear, mlp.covariate_sizes, added[:k])
+            if mlp.takes_covariates(j):
+                mlp.linears[j] = _widened(linear, mlp.covariate_sizes, added[:k])
         mlp.covariate_sizes = tuple(s + n for s, n in zip(mlp.covariate_sizes, added, strict=False))
 
 
@@ -202,6 +204,8 @@ def reference_masks(networks: nn.Module, reference_sizes: Sequence[int]) -> dict
         prefix = f"{name}." if name else ""
         sizes = mlp.covariate_sizes
         for j, linear in enumerate(mlp.linears):
+            if not mlp.takes_covariates(j):
+                continue
             mask = masks[f"{prefix}linears.{j}.weight"]
             start = linear.in_features - sum(sizes)
             for size, n_reference in zip(sizes, reference_sizes, strict=False):

@@ -289,6 +289,29 @@ def test_decoder_sees_every_covariate_and_encoders_only_when_asked(adata):
         assert networks["encoder"].body.covariate_sizes == ()
 
 
+def test_layer_options_build_the_census_layout(adata, tmp_path):
+    model = SCVI(
+        adata,
+        batch_key="batch",
+        categorical_covariate_keys=["donor"],
+        n_layers=2,
+        batch_norm="encoder",
+        layer_norm="decoder",
+        deeply_inject_covariates=False,
+        **TINY,
+    ).fit(max_epochs=1, validation_fraction=0, progress=False)
+    with model._scope() as (_, _, networks):
+        encoder, decoder = networks["encoder"].body, networks["decoder"].expression.body
+        assert isinstance(encoder.norms[0], torch.nn.BatchNorm1d) and encoder.layer_norm is None
+        assert isinstance(decoder.norms[0], torch.nn.Identity)
+        assert not decoder.layer_norm.elementwise_affine
+        # covariates (2 batches + 3 donors) into the decoder's first layer only
+        assert decoder.linears[0].in_features == 2 + 5 and decoder.linears[1].in_features == 8
+    model.save(tmp_path / "model")
+    loaded = SCVI.load(tmp_path / "model", adata)
+    np.testing.assert_array_equal(loaded.latent(), model.latent())
+
+
 # -- normalised expression ---------------------------------------------------------------------
 
 
@@ -371,6 +394,9 @@ def test_unknown_transform_batch_lists_the_known_batches(fitted):
         ({"dispersion": "gene-label"}, "dispersion must be one of"),
         ({"library": "fixed"}, "library must be one of"),
         ({"batch_key": None, "categorical_covariate_keys": ["donor"]}, "need a batch_key"),
+        ({"batch_norm": "yes"}, "batch_norm must be one of"),
+        ({"layer_norm": True}, "layer_norm must be one of"),
+        ({"deeply_inject_covariates": "no"}, "deeply_inject_covariates must be True or False"),
     ],
 )
 def test_bad_options(adata, options, message):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import pyrosc
 from pyrosc import SCVI, surgery
 from pyrosc.data import from_anndata
-from pyrosc.nets import MLP, CountDecoder, GaussianEncoder
+from pyrosc.nets import MLP, CountDecoder, GaussianEncoder, LayerStyle
 from pyrosc.plates import cells_plate
 from pyrosc.train import free_parameter_names, train
 
@@ -243,6 +243,20 @@ def test_widened_networks_compute_the_reference_categories_as_before():
         batch_columns = mlp.linears[j].weight[:, n_features : n_features + 2]
         new_column = wide.linears[j].weight[:, n_features + 2]
         torch.testing.assert_close(new_column, batch_columns.mean(dim=1))
+
+
+def test_only_layers_that_read_covariates_are_widened():
+    torch.manual_seed(0)
+    style = LayerStyle(batch_norm=False, layer_norm=True, covariates_every_layer=False)
+    mlp = MLP(5, 6, n_layers=2, covariate_sizes=(2,), style=style).eval()
+    wide = copy.deepcopy(mlp)
+    surgery.add_categories(wide, reference_sizes=[2], added=[1])
+    assert [linear.in_features for linear in wide.linears] == [5 + 3, 6]
+    x, codes = torch.randn(10, 5), torch.randint(2, (10, 1))
+    torch.testing.assert_close(wide(x, codes), mlp(x, codes))
+    masks = surgery.reference_masks(wide, [2])
+    assert masks["linears.0.weight"][:, -1].logical_not().all()
+    assert masks["linears.1.weight"].all()
 
 
 def offset_model(counts, library, covariates, cell_index, n_cells=None, *, decoder):

@@ -66,6 +66,23 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+def check_genes(adata: ad.AnnData, var_names: list[str]) -> None:
+    """Raise unless ``adata``'s genes are the model's ``var_names``, in their order."""
+    genes = [str(v) for v in adata.var_names]
+    if genes == var_names:
+        return
+    missing = len(set(var_names) - set(genes))
+    extra = len(set(genes) - set(var_names))
+    if not missing and not extra:
+        found = "the same genes in another order"
+    else:
+        found = f"{missing} of them missing and {extra} other gene(s)"
+    raise ValueError(
+        f"adata's genes differ from the {len(var_names)} genes the model was trained on "
+        f"({found}); subset it to the saved var_names, in order: adata[:, var_names]"
+    )
+
+
 def load(
     cls: type[PyroscModel], path: str | Path, adata: ad.AnnData, device: str = "cpu"
 ) -> PyroscModel:
@@ -74,11 +91,7 @@ def load(
     meta = read_meta(path)
     if meta.get("class") != cls.__name__:
         raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
-    if [str(v) for v in adata.var_names] != meta["var_names"]:
-        raise ValueError(
-            f"adata's genes differ from the {len(meta['var_names'])} genes the model was "
-            "trained on; subset it to the saved var_names, in order"
-        )
+    check_genes(adata, meta["var_names"])
     model = cls(adata, **meta["config"])
     if model.data.covariate_categories != meta["covariate_categories"]:
         # Codes must mean what they meant in training (adata may hold fewer categories).
@@ -87,24 +100,36 @@ def load(
         )
     model.device = resolve_device(device)
     tensors = torch.load(path / "model.pt", map_location=model.device, weights_only=True)
+    install(model, tensors["networks"], tensors["params"], pd.read_csv(path / "history.csv"))
+    return model
+
+
+def install(
+    model: PyroscModel,
+    network_state: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    history: pd.DataFrame,
+) -> None:
+    """Make ``model`` (set up on its data, ``device`` set) the fitted model whose networks hold
+    ``network_state`` and whose free Pyro parameters are ``params`` (name -> constrained
+    value), trained as ``history`` says: build its model/guide pair, load the networks (in
+    evaluation mode) and create its parameter-store scope."""
     model._pair = model._build()
     pyro_model, guide, networks = model._pair
-    networks.load_state_dict(tensors["networks"])
+    networks.load_state_dict(network_state)
     networks.to(model.device).eval()
-    with pyro.get_param_store().scope() as params:
+    with pyro.get_param_store().scope() as store_state:
         # Run the pair once so each parameter is created with its constraint, then set it.
         probe = model.data.minibatch(np.arange(min(2, model.data.n_cells)), model.device)
         with poutine.block(), torch.no_grad():
             traces.trace_pair(pyro_model, guide, {**probe, "n_cells": None})
         store = pyro.get_param_store()
-        for name, value in tensors["params"].items():
-            store[name] = value
-    model._params = params
-    history = pd.read_csv(path / "history.csv")
+        for name, value in params.items():
+            store[name] = value.to(model.device)
+    model._params = store_state
     model.train_result = TrainResult(
         history=history,
         train_index=np.array([], dtype=np.int64),
         validation_index=np.array([], dtype=np.int64),
         best_epoch=int(history["epoch"].iloc[-1]) if len(history) else 0,
     )
-    return model

@@ -47,8 +47,9 @@ class SCANVI(SCVI):
         unlabeled_category: the value in that column that marks an unlabelled cell.
         batch_key, likelihood, dispersion, library, layer, categorical_covariate_keys,
             continuous_covariate_keys, encode_covariates, n_latent, n_hidden, n_layers,
-            dropout: as :class:`SCVI`; the classifier and the networks of ``z2`` have the
-            same sizes (as scvi-tools').
+            dropout, batch_norm, layer_norm, deeply_inject_covariates: as :class:`SCVI`; the
+            classifier and the networks of ``z2`` have the same sizes (as scvi-tools'), and
+            scVI's default layers.
         classification_ratio: weight of the classification term, as scvi-tools' (default 50):
             per cell, the objective is the ELBO plus ``classification_ratio`` times the mean of
             ``log q(label | z1)`` over the labelled training cells. Each labelled cell's term is
@@ -84,6 +85,9 @@ class SCANVI(SCVI):
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout: float = 0.1,
+        batch_norm: str = "both",
+        layer_norm: str = "none",
+        deeply_inject_covariates: bool = True,
     ) -> None:
         ratio = classification_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio >= 0:
@@ -109,6 +113,9 @@ class SCANVI(SCVI):
             n_hidden=n_hidden,
             n_layers=n_layers,
             dropout=dropout,
+            batch_norm=batch_norm,
+            layer_norm=layer_norm,
+            deeply_inject_covariates=deeply_inject_covariates,
         )
         self.config.update(
             unlabeled_category=self.unlabeled_category,

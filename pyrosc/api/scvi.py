@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -16,9 +17,11 @@ from pyrosc.guides import scvi_guide
 from pyrosc.likelihoods import LIKELIHOODS, uses_dispersion, uses_gate
 from pyrosc.models import scvi_model
 from pyrosc.models.scvi import DISPERSIONS, LibraryPrior
-from pyrosc.nets import GaussianEncoder, ScviDecoder
+from pyrosc.nets import GaussianEncoder, LayerStyle, ScviDecoder
 
 SCVI_LIBRARIES = ("observed", "latent")
+#: Where a normalisation may be used, as scvi-tools' ``use_batch_norm`` and ``use_layer_norm``.
+NORM_PLACES = ("both", "encoder", "decoder", "none")
 
 
 class SCVI(BatchModel):
@@ -48,6 +51,14 @@ class SCVI(BatchModel):
             no, so ``q(z | x)`` cannot lean on the batch).
         n_latent, n_hidden, n_layers, dropout: network sizes (scvi-tools' defaults); the
             library encoder has one hidden layer, as scvi-tools'.
+        batch_norm: where hidden layers use BatchNorm: ``"both"`` (encoders and decoder; the
+            default, as scvi-tools'), ``"encoder"``, ``"decoder"`` or ``"none"``.
+        layer_norm: where they use LayerNorm without affine weights (after BatchNorm where
+            both are used): ``"none"`` (the default), ``"encoder"``, ``"decoder"`` or
+            ``"both"``. The CELLxGENE Census scVI uses ``batch_norm="none",
+            layer_norm="both"``.
+        deeply_inject_covariates: the covariates enter every hidden layer (the default, as
+            scvi-tools') or only the first.
 
     Example::
 
@@ -72,7 +83,17 @@ class SCVI(BatchModel):
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout: float = 0.1,
+        batch_norm: str = "both",
+        layer_norm: str = "none",
+        deeply_inject_covariates: bool = True,
     ) -> None:
+        for name, value in (("batch_norm", batch_norm), ("layer_norm", layer_norm)):
+            if value not in NORM_PLACES:
+                raise ValueError(f"{name} must be one of {NORM_PLACES}, got {value!r}")
+        if not isinstance(deeply_inject_covariates, bool):
+            raise ValueError(
+                f"deeply_inject_covariates must be True or False, got {deeply_inject_covariates!r}"
+            )
         if likelihood in LIKELIHOODS and not uses_dispersion(likelihood) and dispersion:
             raise ValueError(
                 f"dispersion={dispersion!r} does not apply to likelihood={likelihood!r}, which "
@@ -111,6 +132,46 @@ class SCVI(BatchModel):
             n_hidden=n_hidden,
             n_layers=n_layers,
             dropout=dropout,
+            batch_norm=batch_norm,
+            layer_norm=layer_norm,
+            deeply_inject_covariates=deeply_inject_covariates,
+        )
+
+    @classmethod
+    def from_scvi_tools(cls, path: str | Path, adata: ad.AnnData, device: str = "cpu") -> SCVI:
+        """Open a model saved by scvi-tools' ``SCVI.save`` (its directory) as a fitted SCVI, set
+        up on ``adata`` (the saved genes, in order; the saved batch and covariate columns).
+
+        The file is read without running code from it (tensors, numpy arrays and plain values
+        only; anything else is refused, named). Encoder, decoder, dispersion and library prior
+        map onto this class's networks exactly, so ``latent()`` equals scvi-tools'
+        ``get_latent_representation()``; every question of a fitted model works on it. A
+        setting pyrosc cannot represent (a logistic-normal latent, batch embeddings, the
+        "gene-label" dispersion, ...) is a ``ValueError`` naming it. See
+        :func:`pyrosc.scvi_tools_io.open_scvi_tools`.
+        """
+        from pyrosc.scvi_tools_io import open_scvi_tools  # here: it imports pyrosc.api
+
+        return open_scvi_tools(cls, path, adata, device)
+
+    def to_scvi_tools(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write this fitted SCVI as a directory that scvi-tools' ``SCVI.load(path, adata)``
+        reads (its ``model.pt``, as scvi-tools 1.4.2 saves it). The "zip" likelihood, which
+        scvi-tools lacks, is a ``ValueError``. See
+        :func:`pyrosc.scvi_tools_io.write_scvi_tools`."""
+        from pyrosc.scvi_tools_io import write_scvi_tools
+
+        return write_scvi_tools(self, path, overwrite)
+
+    def _layer_style(self, part: str) -> LayerStyle:
+        """The hidden layers of the ``part`` networks (``"encoder"``: the encoders of z and of
+        the library; ``"decoder"``) under the settings ``batch_norm``, ``layer_norm`` and
+        ``deeply_inject_covariates``."""
+        c = self.config
+        return LayerStyle(
+            batch_norm=c["batch_norm"] in (part, "both"),
+            layer_norm=c["layer_norm"] in (part, "both"),
+            covariates_every_layer=c["deeply_inject_covariates"],
         )
 
     def _batch_names(self) -> list[str]:
@@ -158,12 +219,14 @@ class SCVI(BatchModel):
         encoded = covariate_sizes if c["encode_covariates"] else ()
         encoded_continuous = n_continuous if c["encode_covariates"] else 0
         sizes = (c["n_hidden"], c["n_layers"], c["dropout"])
+        encoder_style = self._layer_style("encoder")
         encoder = GaussianEncoder(
             data.n_genes,
             c["n_latent"],
             *sizes,
             covariate_sizes=encoded,
             n_continuous=encoded_continuous,
+            style=encoder_style,
         )
         decoder = ScviDecoder(
             c["n_latent"],
@@ -174,6 +237,7 @@ class SCVI(BatchModel):
             gate=uses_gate(c["likelihood"]),
             cell_dispersion=c["dispersion"] == "gene-cell",
             n_continuous=n_continuous,
+            style=self._layer_style("decoder"),
         )
         networks = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
         library_prior = library_encoder = None
@@ -187,6 +251,7 @@ class SCVI(BatchModel):
                 c["dropout"],
                 covariate_sizes=encoded,
                 n_continuous=encoded_continuous,
+                style=encoder_style,
             )
             # Start q(log l | x) at the prior: log library sizes are ~7-11, and from an output
             # near 0, Adam at lr 1e-3 needs thousands of steps just to get there (meanwhile the
