@@ -6,7 +6,9 @@ statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.g
 :mod:`pyrosc.predictive_checks`). Label transfer from a reference to a mapped query:
 :func:`pyrosc.transfer_labels`. Differential expression: every class's
 ``differential_expression`` (for a pair: :mod:`pyrosc.differential_expression`), drawn by
-:func:`pyrosc.plot_de`.
+:func:`pyrosc.plot_de`. Counts bigger than memory: pass a backed AnnData, a path or a list of
+them to any class or to :func:`pyrosc.from_anndata` (:mod:`pyrosc.streaming`;
+:func:`pyrosc.read_backed` opens a file with only its counts layer on disk).
 """
 
 from pyrosc import datasets, differential_expression, evaluate, predictive, predictive_checks
@@ -15,6 +17,7 @@ from pyrosc.data import from_anndata, select_genes
 from pyrosc.de_results import plot_de
 from pyrosc.label_transfer import transfer_labels, weighted_knn_labels
 from pyrosc.predictive import simulate
+from pyrosc.streaming import read_backed
 from pyrosc.train import train
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "plot_de",
     "predictive",
     "predictive_checks",
+    "read_backed",
     "select_genes",
     "simulate",
     "train",
