@@ -20,7 +20,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyrosc import traces
+from pyrosc import streaming, traces
 from pyrosc.train import TrainResult, free_parameter_names, resolve_device
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def load(
     meta = read_meta(path)
     if meta.get("class") != cls.__name__:
         raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
-    if [str(v) for v in adata.var_names] != meta["var_names"]:
+    adata = streaming.opened(adata, meta["config"].get("layer"))  # paths: counts left on disk
+    if [str(v) for v in streaming.var_names_of(adata)] != meta["var_names"]:
         raise ValueError(
             f"adata's genes differ from the {len(meta['var_names'])} genes the model was "
             "trained on; subset it to the saved var_names, in order"
@@ -77,7 +78,7 @@ def load(
     if model.data.covariate_categories != meta["covariate_categories"]:
         # Codes must mean what they meant in training (adata may hold fewer categories).
         model.data = model._validated(
-            adata, model.config.get("labels_key"), meta["covariate_categories"]
+            model.adata, model.config.get("labels_key"), meta["covariate_categories"]
         )
     model.device = resolve_device(device)
     tensors = torch.load(path / "model.pt", map_location=model.device, weights_only=True)
