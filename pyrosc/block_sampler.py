@@ -1,11 +1,12 @@
 """Minibatches of cells on disk: shuffled blocks of consecutive cells, read ahead in a thread.
 
 Drawing each minibatch's cells at random from the whole file would read every block for every
-minibatch. :class:`BlockShuffleSampler` draws them as scvi-tools' and annbatch's on-disk loaders
-do: the blocks of consecutive cells come in a fresh random order each epoch, and cells are
-shuffled within a window of a few blocks, so each block is read once per epoch and only a
-window's blocks need to be in memory. :func:`prefetched` reads the next minibatches in a
-background thread while the current one trains, at most ``depth`` ahead.
+minibatch. :class:`BlockShuffleSampler` draws them as the on-disk loaders of annbatch and of the
+CELLxGENE Census (``ExperimentDataPipe``) do: the blocks of consecutive cells come in a fresh
+random order each epoch, and cells are shuffled within a window of a few blocks, so each
+block is read once per epoch and only two windows' blocks need to be in memory.
+:func:`prefetched` reads the next minibatches in a background thread while the current one
+trains, at most ``depth`` ahead.
 """
 
 from __future__ import annotations
