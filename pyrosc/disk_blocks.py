@@ -174,9 +174,9 @@ class CsrOnDisk:
     ``indices`` and ``indptr``), read straight from those arrays.
 
     anndata's ``CSRDataset[...]`` reads the same arrays, but each call first looks up SciPy's
-    version in the installed packages' metadata (about 10 ms, more than reading a block), so
-    only the group and its shape are taken from it. ``indptr`` ((cells + 1,) int64, 8 bytes a
-    cell) is read once and kept, as anndata does.
+    version in the installed packages' metadata (in anndata 0.12; costlier than reading a
+    block), so only the group and its shape are taken from it. ``indptr`` ((cells + 1,) int64,
+    8 bytes a cell) is read once and kept, as anndata does.
     """
 
     def __init__(self, dataset: anndata.abc.CSRDataset) -> None:
