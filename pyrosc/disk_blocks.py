@@ -1,11 +1,12 @@
 """Count matrices on disk, read in blocks of consecutive cells, with a cache of bounded size.
 
 An h5ad file stores a CSR matrix row after row, so a block of consecutive cells is one
-contiguous read. :class:`BlockReader` reads through anndata's backed access
+contiguous read. :class:`BlockReader` takes anndata's backed matrices
 (``anndata.abc.CSRDataset``, what ``anndata.read_h5ad(path, backed="r").X`` or
-``anndata.io.sparse_dataset`` gives; a dense ``h5py.Dataset`` too), stacks several files' cells
-one after the other, and keeps at most ``cache_blocks`` blocks in memory: whatever the number of
-cells, the counts in memory are bounded by ``cache_blocks * block_size`` cells.
+``anndata.io.sparse_dataset`` gives, read through its arrays by :class:`CsrOnDisk`; a dense
+``h5py.Dataset`` too), stacks several files' cells one after the other, and keeps at most
+``cache_blocks`` blocks in memory: whatever the number of cells, the counts in memory are
+bounded by ``cache_blocks * block_size`` cells.
 """
 
 from __future__ import annotations
