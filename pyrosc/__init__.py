@@ -10,6 +10,9 @@ statisticians use the functions underneath (:mod:`pyrosc.models`, :mod:`pyrosc.g
 ``SCVI.to_scvi_tools``), :mod:`pyrosc.scvi_tools_io`. Several processes (PyTorch Lightning
 DDP, the extra ``pyrosc[distributed]``): ``fit(strategy="ddp", devices=N)``, or
 :func:`pyrosc.distributed.train`.
+Counts bigger than memory: pass a backed AnnData, a path or a list of
+them to any class or to :func:`pyrosc.from_anndata` (:mod:`pyrosc.streaming`;
+:func:`pyrosc.read_backed` opens a file with only its counts layer on disk).
 """
 
 from pyrosc import (
@@ -25,6 +28,7 @@ from pyrosc.data import from_anndata, select_genes
 from pyrosc.de_results import plot_de
 from pyrosc.label_transfer import transfer_labels, weighted_knn_labels
 from pyrosc.predictive import simulate
+from pyrosc.streaming import read_backed
 from pyrosc.train import train
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "plot_de",
     "predictive",
     "predictive_checks",
+    "read_backed",
     "select_genes",
     "simulate",
     "train",

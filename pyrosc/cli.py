@@ -25,6 +25,7 @@ from pyrosc.data import select_genes
 from pyrosc.input_checks import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
 from pyrosc.models.scvi import DISPERSIONS
+from pyrosc.train import default_epochs
 
 MODELS = ("vae", "gmvae", "scvi")
 
@@ -76,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         default=2000,
         help="model the N most variable genes (0 keeps all; default: %(default)s)",
     )
-    fit.add_argument("--epochs", type=int, default=400, help="default: %(default)s")
+    fit.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: min(400, round(20000 / cells * 400)), scvi-tools' rule (400 up to 20,000 "
+        "cells)",
+    )
     fit.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
     fit.add_argument("--lr", type=float, default=1e-3, help="default: %(default)s")
     fit.add_argument("--n-latent", type=int, default=10, help="default: %(default)s")
@@ -198,7 +205,9 @@ def fit_command(args: argparse.Namespace) -> int:
         )
     else:
         model = VAE(adata, **common, **sizes)
-    print(f"Fitting a {likelihood.upper()} {args.model.upper()} for {args.epochs} epochs")
+    epochs = args.epochs or default_epochs(model.data.n_cells)
+    chosen = "" if args.epochs else f" (scvi-tools' rule for {model.data.n_cells:,} cells)"
+    print(f"Fitting a {likelihood.upper()} {args.model.upper()} for {epochs} epochs{chosen}")
     fit_started = time.perf_counter()
     model.fit(
         max_epochs=args.epochs,

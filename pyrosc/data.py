@@ -9,8 +9,9 @@ steps and of the train/validation split; `select_genes` picks the genes to model
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import anndata
@@ -70,9 +71,11 @@ class CountData:
         return self.counts.shape[1]
 
     def subset(self, index: np.ndarray) -> CountData:
-        """The cells at integer positions ``index`` (shape (n,)), as a new CountData."""
+        """The cells at integer positions ``index`` (shape (n,)), as a new CountData (of the
+        same class: a subset of counts on disk stays on disk)."""
         index = _positions(index)
-        return CountData(
+        return dataclasses.replace(
+            self,
             counts=self.counts[index],
             library=self.library[index],
             covariates={key: codes[index] for key, codes in self.covariates.items()},
@@ -81,12 +84,44 @@ class CountData:
             },
             labels=None if self.labels is None else self.labels.iloc[index],
             obs_names=self.obs_names[index],
-            var_names=self.var_names,
             continuous_covariates=self.continuous_covariates[index],
-            continuous_covariate_keys=self.continuous_covariate_keys,
             cell_index=self.cell_index[index],
             label=None if self.label is None else self.label[index],
         )
+
+    def count_rows(self, index: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """The float32 counts of the cells at positions ``index``, (n, genes): CSR if the
+        counts are sparse, else dense."""
+        return self.counts[_positions(index)]
+
+    def sampler(
+        self, batch_size: int = 128, seed: int = 0, shuffle: str | None = None
+    ) -> MinibatchSampler:
+        """The minibatches of one pass over these cells, epoch after epoch: an iterable of
+        (B,) int64 positions (see :class:`MinibatchSampler`).
+
+        Args:
+            batch_size: cells per minibatch.
+            seed: seeds the order.
+            shuffle: ``"cells"`` (the default here: every epoch a fresh permutation of all
+                cells). ``"blocks"`` applies to counts on disk only
+                (:class:`pyrosc.streaming.StreamedCountData`).
+        """
+        if shuffle not in (None, "cells"):
+            raise ValueError(
+                f"shuffle={shuffle!r} does not apply to counts in memory, whose cells are "
+                "shuffled one by one; 'blocks' is for counts read from disk (a backed AnnData)"
+            )
+        return MinibatchSampler(self.n_cells, batch_size, shuffle=True, seed=seed)
+
+    def minibatches(
+        self, batches: Iterable[np.ndarray], device: torch.device | str = "cpu"
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`minibatch` of each (B,) index array of ``batches`` (e.g. one epoch of a
+        :meth:`sampler`), in order. Counts on disk are read ahead in a background thread
+        (:class:`pyrosc.streaming.StreamedCountData`)."""
+        for index in batches:
+            yield self.minibatch(index, device)
 
     def minibatch(
         self, index: np.ndarray, device: torch.device | str = "cpu"
@@ -104,7 +139,7 @@ class CountData:
             unlabelled, see :attr:`label`).
         """
         index = _positions(index)
-        rows = self.counts[index]
+        rows = self.count_rows(index)
         # Only the selected rows are densified: the full matrix may not fit in memory dense.
         dense_rows = rows.toarray() if sp.issparse(rows) else rows
         codes = [self.covariates[key][index] for key in self.covariates]
@@ -137,8 +172,15 @@ def from_anndata(
 ) -> CountData:
     """Validate the raw counts of ``adata`` and encode its covariates.
 
+    Counts on disk are streamed (:func:`pyrosc.streaming.from_backed`): an AnnData whose ``X``
+    (or ``layers[layer]``) is on disk (``anndata.read_h5ad(path, backed="r")``, or
+    :func:`pyrosc.read_backed` for a layer), an h5ad path, or a list of these with the same
+    genes in the same order (cells stacked in the order given). The checks below then run in
+    one pass over blocks of cells, with the same errors, and a
+    :class:`pyrosc.streaming.StreamedCountData` is returned, its counts left on disk.
+
     Args:
-        adata: (cells, genes) AnnData; never modified.
+        adata: (cells, genes) AnnData, a path, or a list of them; never modified.
         layer: the layer holding raw counts; None means ``adata.X``.
         batch_key: obs column of the batch; it becomes the first covariate.
         labels_key: obs column of cell labels, kept for scoring only.
@@ -153,7 +195,8 @@ def from_anndata(
     only those present in the data; for any other column, the sorted unique values, as strings.
 
     Raises:
-        TypeError: ``adata`` is not an AnnData, or its matrix is not an in-memory array.
+        TypeError: ``adata`` is not an AnnData (or a path, or a list), or its matrix is
+            neither an array nor CSR (on disk: CSC is refused, see :mod:`pyrosc.streaming`).
         ValueError: duplicated cell or gene names, an unknown layer or obs key, an empty
             AnnData, values that are not raw counts (NaN, inf, negative, non-integer), cells
             without counts, missing covariate values, a category unknown to
@@ -164,12 +207,28 @@ def from_anndata(
         UserWarning: some genes have no counts in any cell (not when ``covariate_categories``
             is given: new data scored by a fitted model has the model's genes).
     """
+    from pyrosc import streaming  # builds on this module, so imported here
+
+    if streaming.is_on_disk(adata, layer):
+        return streaming.from_backed(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            covariate_categories=covariate_categories,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
     checks.check_anndata(adata)
     checks.check_unique_names(adata)
-    covariate_keys = checks.covariate_keys(batch_key, categorical_covariate_keys)
-    continuous_keys = checks.continuous_keys(continuous_covariate_keys, covariate_keys)
-    checks.check_obs_keys(adata, batch_key, labels_key, categorical_covariate_keys, continuous_keys)
-    checks.check_covariate_categories(covariate_categories, covariate_keys)
+    keys = checked_keys(
+        adata,
+        batch_key,
+        labels_key,
+        categorical_covariate_keys,
+        continuous_covariate_keys,
+        covariate_categories,
+    )
     checks.check_not_empty(adata)
     source = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     matrix = checks.count_matrix(adata, layer, source)
@@ -182,24 +241,55 @@ def from_anndata(
     library = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
     checks.check_cells_have_counts(library, adata.obs_names, source)
     if covariate_categories is None:  # new data for a fitted model: its genes are fixed
-        checks.warn_genes_without_counts(counts, adata.var_names, source)
+        gene_totals = np.asarray(counts.sum(axis=0, dtype=np.float64)).ravel()
+        checks.warn_genes_without_counts(gene_totals, adata.var_names, source)
+    return CountData(
+        counts=counts,
+        library=library.astype(np.float32),
+        **cell_annotations(adata, *keys, labels_key, covariate_categories),
+    )
 
+
+def checked_keys(
+    adata: anndata.AnnData,
+    batch_key: str | None,
+    labels_key: str | None,
+    categorical_covariate_keys: Sequence[str],
+    continuous_covariate_keys: Sequence[str],
+    covariate_categories: dict[str, list[str]] | None,
+) -> tuple[list[str], tuple[str, ...]]:
+    """The categorical covariate keys (batch first) and the continuous ones, each checked to
+    name a column of ``adata.obs`` (see :func:`from_anndata`)."""
+    covariate_keys = checks.covariate_keys(batch_key, categorical_covariate_keys)
+    continuous_keys = checks.continuous_keys(continuous_covariate_keys, covariate_keys)
+    checks.check_obs_keys(adata, batch_key, labels_key, categorical_covariate_keys, continuous_keys)
+    checks.check_covariate_categories(covariate_categories, covariate_keys)
+    return covariate_keys, continuous_keys
+
+
+def cell_annotations(
+    adata: anndata.AnnData,
+    covariate_keys: list[str],
+    continuous_keys: tuple[str, ...],
+    labels_key: str | None,
+    covariate_categories: dict[str, list[str]] | None,
+) -> dict:
+    """The :class:`CountData` fields read from ``adata.obs`` and its names: covariate codes and
+    categories, labels, continuous covariates, ``obs_names``, ``var_names``, ``cell_index``."""
     covariates, categories = {}, {}
     for key in covariate_keys:
         known = None if covariate_categories is None else covariate_categories[key]
         covariates[key], categories[key] = _encode(adata, key, known)
-    return CountData(
-        counts=counts,
-        library=library.astype(np.float32),
-        covariates=covariates,
-        covariate_categories=categories,
-        labels=None if labels_key is None else adata.obs[labels_key].copy(),
-        obs_names=adata.obs_names.copy(),
-        var_names=adata.var_names.copy(),
-        continuous_covariates=_continuous_values(adata, continuous_keys),
-        continuous_covariate_keys=continuous_keys,
-        cell_index=np.arange(adata.n_obs, dtype=np.int64),
-    )
+    return {
+        "covariates": covariates,
+        "covariate_categories": categories,
+        "labels": None if labels_key is None else adata.obs[labels_key].copy(),
+        "obs_names": adata.obs_names.copy(),
+        "var_names": adata.var_names.copy(),
+        "continuous_covariates": _continuous_values(adata, continuous_keys),
+        "continuous_covariate_keys": continuous_keys,
+        "cell_index": np.arange(adata.n_obs, dtype=np.int64),
+    }
 
 
 class MinibatchSampler:
@@ -226,12 +316,15 @@ class MinibatchSampler:
         self.shuffle = shuffle
         self._generator = np.random.default_rng(seed)
 
+    def _order(self) -> np.ndarray:
+        """(n_cells,) the order of the cells in one epoch; a subclass may draw it otherwise."""
+        if self.shuffle:
+            return self._generator.permutation(self.n_cells)
+        return np.arange(self.n_cells)
+
     def __iter__(self) -> Iterator[np.ndarray]:
         """One epoch: (B,) int64 cell positions per batch, every cell exactly once."""
-        if self.shuffle:
-            order = self._generator.permutation(self.n_cells)
-        else:
-            order = np.arange(self.n_cells)
+        order = self._order()
         starts = list(range(0, self.n_cells, self.batch_size))
         if self.n_cells - starts[-1] == 1:
             starts.pop()  # the lone last cell joins the previous batch
@@ -386,7 +479,8 @@ def select_genes(
 
     Raises:
         ValueError: a negative ``n_top_genes``, duplicated cell or gene names (see
-            :func:`pyrosc.input_checks.check_unique_names`), an unknown layer.
+            :func:`pyrosc.input_checks.check_unique_names`), an unknown layer, or counts on disk
+            (a backed AnnData: select genes on cells in memory first).
     """
     import scanpy as sc
 
@@ -396,6 +490,15 @@ def select_genes(
         raise ValueError(
             f"n_top_genes must be 0 (keep every gene) or a positive number of genes, got "
             f"{n_top_genes}."
+        )
+    from pyrosc import streaming  # builds on this module, so imported here
+
+    if streaming.is_on_disk(adata, layer):
+        raise ValueError(
+            "select_genes needs the counts in memory; these are on disk (a backed AnnData, a "
+            "path or a list of files). Select genes first, on cells that fit in memory (e.g. "
+            "genes = pyrosc.select_genes(adata[random_cells].to_memory()).var_names), and "
+            "write the files with those genes only; then stream them."
         )
     checks.check_unique_names(adata)
     view = anndata.AnnData(checks.count_matrix(adata, layer), obs=adata.obs[[]], var=adata.var[[]])

@@ -13,6 +13,9 @@ import scipy.sparse as sp
 
 from pyrosc.data import CountData
 
+# Cells whose counts are summed at a time: bounded memory, for counts on disk too.
+_CHUNK_CELLS = 8192
+
 #: The name of the other side when a group is compared with all other cells.
 REST = "rest"
 
@@ -116,17 +119,27 @@ class CountSummaries:
 
 
 def count_summaries(data: CountData, codes: np.ndarray, n_groups: int) -> CountSummaries:
-    """:class:`CountSummaries` of every group, from the observed counts of ``data``."""
+    """:class:`CountSummaries` of every group, from the observed counts of ``data``, read
+    ``_CHUNK_CELLS`` cells at a time (so counts on disk are streamed)."""
     labelled = np.flatnonzero(codes >= 0)
-    membership = sp.csr_matrix(
-        (np.ones(len(labelled)), (codes[labelled], labelled)), shape=(n_groups, data.n_cells)
-    )
-    counts = data.counts
-    detected = membership @ (counts > 0).astype(np.float64)
-    total = membership @ counts.astype(np.float64)
+    detected = np.zeros((n_groups, data.n_genes))
+    total = np.zeros((n_groups, data.n_genes))
+    for start in range(0, len(labelled), _CHUNK_CELLS):
+        cells = labelled[start : start + _CHUNK_CELLS]
+        membership = sp.csr_matrix(
+            (np.ones(len(cells)), (codes[cells], np.arange(len(cells)))),
+            shape=(n_groups, len(cells)),
+        )
+        counts = data.count_rows(cells)
+        detected += _dense(membership @ (counts > 0).astype(np.float64))
+        total += _dense(membership @ counts.astype(np.float64))
     return CountSummaries(
-        detected=np.asarray(detected.todense() if sp.issparse(detected) else detected),
-        total=np.asarray(total.todense() if sp.issparse(total) else total),
+        detected=detected,
+        total=total,
         sizes=np.bincount(codes[labelled], minlength=n_groups).astype(np.float64),
         libraries=[data.library[codes == k] for k in range(n_groups)],
     )
+
+
+def _dense(matrix: sp.spmatrix | np.ndarray) -> np.ndarray:
+    return np.asarray(matrix.todense() if sp.issparse(matrix) else matrix)

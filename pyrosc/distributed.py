@@ -68,6 +68,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from pyrosc.data import CountData, MinibatchSampler
 from pyrosc.freezing import Frozen, FrozenFit
+from pyrosc.streaming import StreamedCountData
 from pyrosc.traces import bind_data, eval_mode
 from pyrosc.train import (
     Objective,
@@ -77,6 +78,7 @@ from pyrosc.train import (
     free_parameter_names,
     read_objective,
     resolve_device,
+    resolve_epochs,
 )
 from pyrosc.train import train as train_one_process
 
@@ -200,7 +202,7 @@ def train(
     strategy: str = "ddp",
     accelerator: str = "auto",
     num_nodes: int = 1,
-    max_epochs: int = 400,
+    max_epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
     validation_fraction: float = 0.1,
@@ -252,7 +254,14 @@ def train(
     pl = import_lightning()
     from pyrosc.lightning_svi import FitSettings, QuietDDPStrategy, SVIModule
 
-    patience = check_options(max_epochs, early_stopping, patience, free_bits, kl_warmup_epochs)
+    if isinstance(data, StreamedCountData):
+        raise ValueError(
+            "several processes (strategy=...) train on counts in memory only for now: each rank "
+            "would read every block of the file; load the counts (adata.to_memory()) or fit in "
+            "one process, which streams them"
+        )
+    max_epochs, epochs_reason = resolve_epochs(max_epochs, data.n_cells)
+    patience = check_options(early_stopping, patience, free_bits, kl_warmup_epochs)
     train_index, validation_index = fit_split(
         data.n_cells, validation_fraction, split, seed, early_stopping
     )
@@ -315,6 +324,8 @@ def train(
         validation_index=validation_index,
         best_epoch=module.best_epoch,
         elbo_name=objective.name,
+        max_epochs=max_epochs,
+        max_epochs_reason=epochs_reason,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import anndata
 import numpy as np
@@ -223,34 +224,74 @@ def count_matrix(
     return matrix
 
 
+class ValueProblems:
+    """Values that are not raw counts, by kind, over the blocks of a count matrix seen so far.
+
+    :func:`check_raw_counts` checks a matrix as one block; :mod:`pyrosc.streaming` adds the
+    blocks it reads from disk one at a time, so that its error names the same first offending
+    cell and gene, and the same total, as the check of the whole matrix in memory.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}  # kind -> how many values
+        self.first: dict[str, str] = {}  # kind -> "cell 'c', gene 'g': value"
+
+    def add(
+        self, matrix: sp.csr_matrix | np.ndarray, obs_names: pd.Index, var_names: pd.Index
+    ) -> None:
+        """Count the bad values of ``matrix``, (cells, genes), whose rows are ``obs_names``."""
+        kind = matrix.dtype.kind
+        tests = []
+        if kind == "f":
+            tests.append(("not finite", lambda values: ~np.isfinite(values)))
+        if kind in "if":
+            tests.append(("negative", lambda values: values < 0))
+        if kind == "f":
+            tests.append(("non-integer", lambda values: values != np.round(values)))
+        for name, is_bad in tests:
+            count, where = _offending(matrix, is_bad, obs_names, var_names)
+            if count:
+                self.counts[name] = self.counts.get(name, 0) + count
+                self.first.setdefault(name, where)
+
+    def raise_first(
+        self,
+        adata: anndata.AnnData,
+        layer: str | None,
+        source: str,
+        summaries: Callable[[], RowSummaries],
+    ) -> None:
+        """Raise a ``ValueError`` for the first kind of problem found, in the order NaN or
+        infinite, negative, non-integer; nothing if none. ``summaries`` computes the matrix's
+        :class:`RowSummaries`, called only to describe non-integer values."""
+        counts, first = self.counts, self.first
+        if "not finite" in counts:
+            raise ValueError(
+                f"{source} holds {counts['not finite']:,} NaN or infinite values (first at "
+                f"{first['not finite']}). {_RAW_COUNTS_NEEDED}"
+            )
+        if "negative" in counts:
+            raise ValueError(
+                f"{source} holds {counts['negative']:,} negative values (first at "
+                f"{first['negative']}): counts are never negative, so the data were scaled or "
+                f"centred (e.g. by sc.pp.scale) or are not counts. {_RAW_COUNTS_NEEDED} "
+                f"{_where_counts_are(adata, layer)}"
+            )
+        if "non-integer" in counts:
+            raise ValueError(
+                f"{source} holds {counts['non-integer']:,} non-integer values (first at "
+                f"{first['non-integer']}). {_RAW_COUNTS_NEEDED} "
+                f"{_describe_non_integer(summaries(), source)}{_where_counts_are(adata, layer)}"
+            )
+
+
 def check_raw_counts(
     matrix: sp.csr_matrix | np.ndarray, adata: anndata.AnnData, layer: str | None, source: str
 ) -> None:
     """Raise unless every value is a finite, non-negative integer."""
-    if matrix.dtype.kind == "f":
-        count, where = _offending(matrix, lambda values: ~np.isfinite(values), adata)
-        if count:
-            raise ValueError(
-                f"{source} holds {count:,} NaN or infinite values (first at {where}). "
-                f"{_RAW_COUNTS_NEEDED}"
-            )
-    if matrix.dtype.kind in "if":
-        count, where = _offending(matrix, lambda values: values < 0, adata)
-        if count:
-            raise ValueError(
-                f"{source} holds {count:,} negative values (first at {where}): counts are never "
-                "negative, so the data were scaled or centred (e.g. by sc.pp.scale) or are not "
-                f"counts. {_RAW_COUNTS_NEEDED} "
-                f"{_where_counts_are(adata, layer)}"
-            )
-    if matrix.dtype.kind == "f":
-        count, where = _offending(matrix, lambda values: values != np.round(values), adata)
-        if count:
-            raise ValueError(
-                f"{source} holds {count:,} non-integer values (first at {where}). "
-                f"{_RAW_COUNTS_NEEDED} {_diagnose_non_integer(matrix, source)}"
-                f"{_where_counts_are(adata, layer)}"
-            )
+    problems = ValueProblems()
+    problems.add(matrix, adata.obs_names, adata.var_names)
+    problems.raise_first(adata, layer, source, lambda: RowSummaries.of(matrix))
 
 
 def check_cells_have_counts(library: np.ndarray, obs_names: pd.Index, source: str) -> None:
@@ -264,11 +305,9 @@ def check_cells_have_counts(library: np.ndarray, obs_names: pd.Index, source: st
         )
 
 
-def warn_genes_without_counts(
-    counts: sp.csr_matrix | np.ndarray, var_names: pd.Index, source: str
-) -> None:
-    """Warn (UserWarning) if some genes have no counts in any cell."""
-    gene_totals = np.asarray(counts.sum(axis=0, dtype=np.float64)).ravel()
+def warn_genes_without_counts(gene_totals: np.ndarray, var_names: pd.Index, source: str) -> None:
+    """Warn (UserWarning) if some genes have no counts in any cell (``gene_totals``: (genes,)
+    sums over the cells)."""
     empty = np.flatnonzero(gene_totals == 0)
     if len(empty):
         warnings.warn(
@@ -311,7 +350,8 @@ def _examples(names: pd.Index) -> str:
 def _offending(
     matrix: sp.csr_matrix | np.ndarray,
     is_bad: Callable[[np.ndarray], np.ndarray],
-    adata: anndata.AnnData,
+    obs_names: pd.Index,
+    var_names: pd.Index,
 ) -> tuple[int, str]:
     """How many stored values are bad, and where the first is ("cell 'c', gene 'g': value")."""
     values = matrix.data if sp.issparse(matrix) else matrix
@@ -327,17 +367,41 @@ def _offending(
     else:
         cell, gene = (int(i) for i in np.argwhere(bad)[0])
         value = matrix[cell, gene]
-    return count, f"cell {adata.obs_names[cell]!r}, gene {adata.var_names[gene]!r}: {value:g}"
+    return count, f"cell {obs_names[cell]!r}, gene {var_names[gene]!r}: {value:g}"
 
 
 # -- what non-integer values look like, and where the counts may be ----------------------------
 
 
-def _diagnose_non_integer(matrix: sp.csr_matrix | np.ndarray, source: str) -> str:
+class RowSummaries(NamedTuple):
+    """What non-integer values look like: ``exp_sums`` and ``sums``, (cells,) float64 sums of
+    ``expm1(x)`` and of ``x`` per cell, and ``largest``, the largest value."""
+
+    exp_sums: np.ndarray
+    sums: np.ndarray
+    largest: float
+
+    @classmethod
+    def of(cls, matrix: sp.csr_matrix | np.ndarray) -> RowSummaries:
+        """The summaries of a matrix, or of a block of its rows."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            exp_sums = _row_sums(matrix, np.expm1)
+            sums = _row_sums(matrix, None)
+        return cls(exp_sums, sums, float(matrix.max()))
+
+    @classmethod
+    def joined(cls, parts: Sequence[RowSummaries]) -> RowSummaries:
+        """The summaries of blocks of rows, stacked in order."""
+        return cls(
+            np.concatenate([part.exp_sums for part in parts]),
+            np.concatenate([part.sums for part in parts]),
+            max(part.largest for part in parts),
+        )
+
+
+def _describe_non_integer(summaries: RowSummaries, source: str) -> str:
     """A sentence saying what the non-integer values look like, or "" if nothing fits."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        exp_sums = _row_sums(matrix, np.expm1)
-        sums = _row_sums(matrix, None)
+    exp_sums, sums, largest = summaries
     if _roughly_constant(exp_sums):
         return (
             f"{source} looks log-normalised: exp(x) - 1 sums to about {np.median(exp_sums):,.0f} "
@@ -348,7 +412,6 @@ def _diagnose_non_integer(matrix: sp.csr_matrix | np.ndarray, source: str) -> st
             f"{source} looks normalised: every cell sums to about {np.median(sums):,.0f}, as "
             "after sc.pp.normalize_total. "
         )
-    largest = matrix.max()
     if largest < 30:
         return f"{source} looks log-transformed or scaled: all values are below 30 ({largest:g}). "
     return ""

@@ -16,8 +16,10 @@ ELBO untouched.
 from __future__ import annotations
 
 import copy
+import numbers
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,6 +200,10 @@ class TrainResult:
         best_epoch: the epoch whose parameters were kept (the last, or the best validation
             ELBO with early stopping).
         elbo_name: the loss used (``Trace_ELBO``, ``TraceEnum_ELBO`` or ``free_bits``).
+        max_epochs: the number of epochs the fit was to run (early stopping may stop sooner).
+        max_epochs_reason: how that number was chosen, e.g. ``"8 epochs chosen for 1,000,000
+            cells: min(400, round(20000 / cells * 400)), scvi-tools' rule (max_epochs=None)"``
+            (also in ``history.attrs["max_epochs_reason"]`` and the progress bar).
     """
 
     history: pd.DataFrame
@@ -205,6 +211,8 @@ class TrainResult:
     validation_index: np.ndarray
     best_epoch: int
     elbo_name: str = "Trace_ELBO"
+    max_epochs: int | None = None
+    max_epochs_reason: str = ""
 
 
 def free_parameter_names(networks: nn.Module | None) -> list[str]:
@@ -236,6 +244,36 @@ def _restore(snapshot: tuple[dict[str, Tensor], dict | None], networks: nn.Modul
             unconstrained[name].copy_(value)
     if networks is not None and modules is not None:
         networks.load_state_dict(modules)
+
+
+def default_epochs(n_cells: int) -> int:
+    """scvi-tools' number of epochs for ``n_cells`` cells: ``min(400, round(20000 / n_cells *
+    400))``, at least 1. Small datasets get 400 epochs; above 20,000 cells, as many epochs as
+    make about 8 million cell-steps (e.g. 8 epochs for a million cells)."""
+    return max(1, min(400, round(20000 / n_cells * 400)))
+
+
+def resolve_epochs(max_epochs: int | None, n_cells: int) -> tuple[int, str]:
+    """The number of epochs to run and why (``max_epochs=None``: :func:`default_epochs`).
+
+    Raises:
+        ValueError: ``max_epochs`` not a whole number of at least 1, nor None.
+    """
+    if max_epochs is None:
+        chosen = default_epochs(n_cells)
+        return chosen, (
+            f"{_epochs_text(chosen)} chosen for {n_cells:,} cells: min(400, round(20000 / cells "
+            "* 400)), scvi-tools' rule (max_epochs=None)"
+        )
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, numbers.Integral):
+        raise ValueError(f"max_epochs must be a whole number or None, got {max_epochs!r}")
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
+    return int(max_epochs), f"{_epochs_text(max_epochs)} as asked (max_epochs={max_epochs})"
+
+
+def _epochs_text(n: int) -> str:
+    return "1 epoch" if n == 1 else f"{n} epochs"
 
 
 class EarlyStopping:
@@ -272,7 +310,6 @@ class EarlyStopping:
 
 
 def check_options(
-    max_epochs: int,
     early_stopping: bool,
     patience: int | None,
     free_bits: float,
@@ -280,8 +317,6 @@ def check_options(
 ) -> int:
     """Raise a ``ValueError`` for an option of :func:`train` out of range or that does not
     apply; return the patience of early stopping (45 unless given)."""
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
     if patience is not None and not early_stopping:
         raise ValueError("patience applies to early stopping only: pass early_stopping=True")
     if free_bits < 0 or kl_warmup_epochs < 0:
@@ -398,7 +433,7 @@ def train(
     data: CountData,
     *,
     networks: nn.Module | None = None,
-    max_epochs: int = 400,
+    max_epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
     validation_fraction: float = 0.1,
@@ -412,6 +447,7 @@ def train(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
+    shuffle: str | None = None,
 ) -> TrainResult:
     """Fit ``model`` and ``guide`` to ``data`` by stochastic variational inference.
 
@@ -426,7 +462,9 @@ def train(
         data: validated counts from :func:`pyrosc.data.from_anndata`.
         networks: the ``nn.Module`` s the pair uses (e.g. an ``nn.ModuleDict``); the trainer moves
             them to ``device`` and switches training / evaluation mode.
-        max_epochs: passes over the training cells.
+        max_epochs: passes over the training cells; None chooses from the number of cells of
+            ``data`` (:func:`default_epochs`, scvi-tools' rule), and the progress bar and
+            :attr:`TrainResult.max_epochs_reason` say how many and why.
         batch_size: cells per minibatch (a last minibatch of one cell is folded into the
             previous one, so BatchNorm never sees a single cell).
         lr: Adam learning rate.
@@ -449,6 +487,11 @@ def train(
         seed: seeds Pyro, PyTorch and NumPy, the split and the minibatch order.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a progress bar with the epoch and the ELBO.
+        shuffle: the order of the cells in an epoch (``data.sampler``): for counts in memory
+            ``"cells"`` only (a fresh permutation each epoch); for counts on disk
+            (:class:`pyrosc.streaming.StreamedCountData`) ``"blocks"`` (the default there:
+            shuffled blocks of consecutive cells) or ``"cells"`` (the in-memory order, so the
+            fit equals one in memory; slow on large files). None: the data's default.
 
     Returns:
         a :class:`TrainResult` with the history DataFrame.
@@ -458,7 +501,8 @@ def train(
             early stopping, ``kl_warmup_epochs`` for a model that marks no site, free bits with
             enumerated sites), a frozen mask naming no parameter, or everything frozen.
     """
-    patience = check_options(max_epochs, early_stopping, patience, free_bits, kl_warmup_epochs)
+    max_epochs, epochs_reason = resolve_epochs(max_epochs, data.n_cells)
+    patience = check_options(early_stopping, patience, free_bits, kl_warmup_epochs)
     device = resolve_device(device)
     pyro.set_rng_seed(seed)
     if networks is not None:
@@ -468,7 +512,7 @@ def train(
     )
     train_data = data.subset(train_index)
     validation_data = data.subset(validation_index) if len(validation_index) else None
-    sampler = MinibatchSampler(train_data.n_cells, batch_size, shuffle=True, seed=seed)
+    sampler = train_data.sampler(batch_size, seed=seed, shuffle=shuffle)
 
     freezing = FrozenFit(frozen or Frozen({}), networks)  # frozen BatchNorm in eval mode
     first = train_data.minibatch(next(iter(MinibatchSampler(train_data.n_cells, batch_size))))
@@ -482,7 +526,12 @@ def train(
     optimizer = _Optimizer(lr)
     stopper = EarlyStopping(patience, networks) if early_stopping else None
     rows, steps = [], 0
-    bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="training", unit="epoch")
+    bar = tqdm(
+        range(1, max_epochs + 1),
+        disable=not progress,
+        desc=f"training, {epochs_reason}",
+        unit="epoch",
+    )
     with freezing:  # after the probe: the free parameters exist
         for epoch in bar:
             start = time.perf_counter()
@@ -491,17 +540,20 @@ def train(
                 networks.train()
                 freezing.keep_eval()
             total_loss = torch.zeros((), device=device)
-            for index in sampler:
-                minibatch = train_data.minibatch(index, device) | {"n_cells": train_data.n_cells}
-                # The counts were validated on the way in; see check_every_step.
-                with pyro.validation_enabled(pyro_validation and (steps == 0 or check_every_step)):
-                    loss = loss_fn(warm_model, warm_guide, **minibatch)
-                # The minibatch estimates the loss of all training cells; per cell it has the
-                # scale scvi-tools optimises, which Adam's eps is relative to.
-                optimizer.step(loss / train_data.n_cells)
-                freezing.after_step()
-                total_loss += loss.detach()
-                steps += 1
+            # closing: a step that fails stops the read-ahead thread of counts on disk at once.
+            with closing(train_data.minibatches(sampler, device)) as minibatches:
+                for minibatch in minibatches:
+                    minibatch = minibatch | {"n_cells": train_data.n_cells}
+                    # The counts were validated on the way in; see check_every_step.
+                    check = pyro_validation and (steps == 0 or check_every_step)
+                    with pyro.validation_enabled(check):
+                        loss = loss_fn(warm_model, warm_guide, **minibatch)
+                    # The minibatch estimates the loss of all training cells; per cell it has
+                    # the scale scvi-tools optimises, which Adam's eps is relative to.
+                    optimizer.step(loss / train_data.n_cells)
+                    freezing.after_step()
+                    total_loss += loss.detach()
+                    steps += 1
             total_loss = float(total_loss)
             train_elbo = -total_loss / (len(sampler) * train_data.n_cells)
             check_finite(train_elbo, epoch, lr)
@@ -528,10 +580,14 @@ def train(
         best_epoch = stopper.restore_best() or best_epoch
     if networks is not None:
         networks.eval()
+    history = pd.DataFrame(rows)
+    history.attrs["max_epochs_reason"] = epochs_reason
     return TrainResult(
-        history=pd.DataFrame(rows),
+        history=history,
         train_index=train_index,
         validation_index=validation_index,
         best_epoch=best_epoch,
         elbo_name=objective.name,
+        max_epochs=max_epochs,
+        max_epochs_reason=epochs_reason,
     )

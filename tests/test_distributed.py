@@ -354,6 +354,17 @@ def test_options_that_do_not_apply_are_errors():
         model.fit(strategy="ddp", devices=4, accelerator="cpu", batch_size=32)
 
 
+def test_counts_on_disk_are_refused_with_a_way_out(tmp_path):
+    """Several processes would each read every block of the file: refused, saying what to do."""
+    import anndata as ad
+
+    path = tmp_path / "counts.h5ad"
+    simulate_counts(n_cells=60, n_genes=10).write_h5ad(path)
+    model = pyrosc.VAE(ad.read_h5ad(path, backed="r"), n_latent=2, n_hidden=8)
+    with pytest.raises(ValueError, match=r"counts in memory only.*to_memory"):
+        model.fit(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1)
+
+
 def test_a_module_outside_the_networks_is_refused(data):
     model, guide, networks = vae_pair(N_GENES)
     with pytest.raises(ValueError, match=r"registers module\(s\) \['decoder'\]"):

@@ -19,7 +19,7 @@ from pyrosc.guides import vae_guide
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
 from pyrosc.traces import bind_data
-from pyrosc.train import ScaleLatents, free_bits_loss, resolve_device, train
+from pyrosc.train import ScaleLatents, default_epochs, free_bits_loss, resolve_device, train
 
 
 def snapshot(model: VAE) -> dict[str, torch.Tensor]:
@@ -225,3 +225,23 @@ def test_frozen_entries_stay_to_the_bit_and_fully_frozen_tensors_get_no_gradient
     wrong = Frozen(masks={"encoder.weight": torch.ones(1, dtype=torch.bool)})
     with pytest.raises(ValueError, match="frozen names 'encoder.weight'"):
         train(model, guide, data, networks=networks, frozen=wrong, **options)
+
+
+def test_default_epochs_follow_scvi_tools_rule():
+    sizes = (1, 100, 20_000, 20_001, 40_000, 1_000_000, 10**9)
+    assert [default_epochs(n) for n in sizes] == [400, 400, 400, 400, 200, 8, 1]
+
+
+def test_max_epochs_none_says_how_many_and_why(toy_adata, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules["pyrosc.train"], "default_epochs", lambda n_cells: 2)
+    fitted = VAE(toy_adata, n_latent=2, n_hidden=8).fit(progress=False, batch_size=64)
+    result = fitted.train_result
+    assert len(fitted.history) == result.max_epochs == 2
+    assert result.max_epochs_reason.startswith("2 epochs chosen for 240 cells: min(400, round(")
+    assert fitted.history.attrs["max_epochs_reason"] == result.max_epochs_reason
+    asked = VAE(toy_adata, n_latent=2, n_hidden=8).fit(max_epochs=1, progress=False).train_result
+    assert (asked.max_epochs, asked.max_epochs_reason) == (1, "1 epoch as asked (max_epochs=1)")
+    with pytest.raises(ValueError, match="max_epochs must be a whole number or None, got 2.5"):
+        VAE(toy_adata, n_latent=2, n_hidden=8).fit(max_epochs=2.5, progress=False)

@@ -10,8 +10,9 @@ networks and device. Models fitted in one session therefore never see each other
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import pyro
 import torch
 from torch import nn
 
-from pyrosc import distributed, evaluate, predictive, predictive_checks, traces
-from pyrosc.api import persistence
+from pyrosc import distributed, evaluate, predictive, predictive_checks, streaming, traces
+from pyrosc.api import persistence, results
 from pyrosc.api.differential_expression import DifferentialExpression
 from pyrosc.data import CountData, from_anndata, split_cells
 from pyrosc.freezing import Frozen
@@ -48,14 +49,15 @@ class PyroscModel(DifferentialExpression):
 
     _latent_site = "z"  # the site whose posterior mean latent() reports
 
-    def __init__(self, adata: ad.AnnData, **config: Any) -> None:
+    def __init__(self, adata: ad.AnnData | list[ad.AnnData], **config: Any) -> None:
         likelihood = config.get("likelihood")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         check_sizes(**{key: config[key] for key in _SIZE_KEYS if key in config})
-        self.adata = adata
+        # Paths (alone or in a list) are opened with their counts on disk.
+        self.adata = streaming.opened(adata, config.get("layer"))
         self.config = config
-        self.data: CountData = self._validated(adata, labels_key=config.get("labels_key"))
+        self.data: CountData = self._validated(self.adata, labels_key=config.get("labels_key"))
         self._params: dict | None = None
         self._split: tuple[np.ndarray, np.ndarray] | None = None
         self._pair: tuple[Callable, Callable, nn.Module] | None = None
@@ -104,7 +106,7 @@ class PyroscModel(DifferentialExpression):
 
     def fit(
         self,
-        max_epochs: int = 400,
+        max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
         validation_fraction: float = 0.1,
@@ -120,7 +122,7 @@ class PyroscModel(DifferentialExpression):
         **train_options: Any,
     ) -> PyroscModel:
         """Fit the model by SVI (see :func:`pyrosc.train.train` for every option, e.g.
-        ``kl_warmup_epochs``, ``free_bits``, ``patience``).
+        ``kl_warmup_epochs``, ``free_bits``, ``patience``, ``shuffle``).
 
         The train/validation split is drawn once, here (from ``validation_fraction`` and
         ``seed``, or given as ``split``), and everything the fit computes from data (the
@@ -135,6 +137,10 @@ class PyroscModel(DifferentialExpression):
         process. Without a ``strategy`` the fit runs in this process on ``device``.
 
         Args:
+            max_epochs: passes over the training cells; None (the default) chooses from the
+                number of cells, as scvi-tools does: ``min(400, round(20000 / cells * 400))``,
+                at least 1 (:func:`pyrosc.train.default_epochs`); the progress bar and
+                ``self.train_result.max_epochs_reason`` say how many and why.
             split: ``(train_index, validation_index)``, cell positions, instead of a drawn
                 split.
             strategy, devices, accelerator, num_nodes: training on several processes (see
@@ -209,18 +215,21 @@ class PyroscModel(DifferentialExpression):
 
     # -- results ---------------------------------------------------------------------------
 
-    def _adata(self, adata: ad.AnnData | None) -> ad.AnnData:
-        """``adata``, or the training AnnData when None: where results about it are written."""
-        return self.adata if adata is None else adata
+    def _adata(self, adata: ad.AnnData | list | None) -> ad.AnnData | list[ad.AnnData]:
+        """``adata`` (opened, if paths), or the training AnnData when None: where results
+        about it are written (:mod:`pyrosc.api.results`)."""
+        return self.adata if adata is None else streaming.opened(adata, self.config.get("layer"))
 
-    def _data_for(self, adata: ad.AnnData | None) -> CountData:
+    def _data_for(self, adata: ad.AnnData | list | None) -> CountData:
         """The validated counts of ``adata`` (the training AnnData when None)."""
         if adata is None or adata is self.adata:
             return self.data
-        if list(adata.var_names) != list(self.data.var_names):
+        adata = streaming.opened(adata, self.config.get("layer"))
+        var_names = streaming.var_names_of(adata)
+        if list(var_names) != list(self.data.var_names):
             raise ValueError(
-                f"adata has {adata.n_vars} genes that are not the {self.data.n_genes} genes the "
-                "model was set up with, in the same order; subset it with "
+                f"adata has {len(var_names)} genes that are not the {self.data.n_genes} genes "
+                "the model was set up with, in the same order; subset it with "
                 "adata[:, model.data.var_names]"
             )
         return self._validated(adata, covariate_categories=self.data.covariate_categories)
@@ -236,34 +245,53 @@ class PyroscModel(DifferentialExpression):
                 model, guide, data, *args, networks=networks, device=self.device, **kwargs
             )
 
-    @torch.no_grad()
-    def latent(self, adata: ad.AnnData | None = None, batch_size: int = 1024) -> np.ndarray:
-        """Posterior mean of each cell's latent ``z`` under the guide.
+    def latent(
+        self,
+        adata: ad.AnnData | list | None = None,
+        batch_size: int = 1024,
+        out: str | os.PathLike | None = None,
+    ) -> np.ndarray:
+        """Posterior mean of each cell's latent ``z`` under the guide, computed ``batch_size``
+        cells at a time (read from disk block by block when the counts are on disk).
 
-        Also written to ``adata.obsm["X_pyrosc"]``, so ``sc.pp.neighbors(adata,
-        use_rep="X_pyrosc")`` works at once.
+        Also written to ``adata.obsm["X_pyrosc"]`` (for a list of AnnData, each its own
+        cells' rows), so ``sc.pp.neighbors(adata, use_rep="X_pyrosc")`` works at once. With
+        ``out``, written to that new ``.npy`` file instead, chunk by chunk, and nowhere else:
+        memory does not grow with the number of cells.
 
         Args:
             adata: cells to embed, with the training genes (default: the training AnnData).
             batch_size: cells per pass.
+            out: path of a new ``.npy`` file (an existing file is an error: results never
+                overwrite a file); rows in the order of the cells (files stacked in order).
 
         Returns:
-            ``(cells, n_latent)`` float32 array.
+            ``(cells, n_latent)`` float32 array; with ``out``, the file memory-mapped read-only
+            (``np.load(out, mmap_mode="r")``).
         """
-        latent = self._latent(self._data_for(adata), batch_size)
-        self._adata(adata).obsm[_LATENT_KEY] = latent
+        data = self._data_for(adata)
+        if out is not None:
+            file = results.LatentFile(out, data.n_cells)
+            # closing: an error while writing leaves this model's parameter scope at once.
+            with closing(self._latent_chunks(data, batch_size)) as chunks:
+                for chunk in chunks:
+                    file.append(chunk)
+            return file.close()
+        latent = self._latent(data, batch_size)
+        results.store_obsm(self._adata(adata), _LATENT_KEY, latent)
         return latent
 
-    @torch.no_grad()
     def _latent(self, data: CountData, batch_size: int = 1024) -> np.ndarray:
         """:meth:`latent` of validated counts, written nowhere: ``(cells, n_latent)``."""
-        chunks = []
-        with self._scope() as (_, guide, networks), traces.eval_mode(networks):
+        return np.concatenate(list(self._latent_chunks(data, batch_size)))
+
+    def _latent_chunks(self, data: CountData, batch_size: int) -> Iterator[np.ndarray]:
+        """:meth:`latent` of ``batch_size`` consecutive cells at a time, ``(chunk, n_latent)``."""
+        with torch.no_grad(), self._scope() as (_, guide, networks), traces.eval_mode(networks):
             for start in range(0, data.n_cells, batch_size):
                 index = np.arange(start, min(start + batch_size, data.n_cells))
                 minibatch = data.minibatch(index, self.device)
-                chunks.append(evaluate.posterior_mean(guide, minibatch, self._latent_site).cpu())
-        return torch.cat(chunks).numpy()
+                yield evaluate.posterior_mean(guide, minibatch, self._latent_site).cpu().numpy()
 
     def log_likelihood(self, adata: ad.AnnData | None = None, n_samples: int = 200) -> np.ndarray:
         """Importance-sampled ``log p(x)`` of each cell (:func:`pyrosc.evaluate.log_likelihood`).
@@ -388,30 +416,55 @@ class PyroscModel(DifferentialExpression):
 
     def cell_scores(
         self,
-        adata: ad.AnnData | None = None,
+        adata: ad.AnnData | list | None = None,
         n_samples: int = 200,
         per_gene: bool = False,
         seed: int = 0,
-    ) -> pd.DataFrame:
+        out: str | os.PathLike | None = None,
+        chunk_cells: int = 4096,
+    ) -> pd.DataFrame | Path:
         """How plausible the model finds each cell: the importance-sampled ``log p(x)`` of
         :meth:`log_likelihood`, to flag low-quality cells or doublets
         (:func:`pyrosc.evaluate.cell_scores`).
 
-        Also written to ``adata.obs["pyrosc_log_likelihood"]``.
+        Also written to ``adata.obs["pyrosc_log_likelihood"]``; with ``out``, written to that
+        new CSV file instead, ``chunk_cells`` cells at a time, and nowhere else (the table
+        with ``per_gene`` is cells x genes: it need not fit in memory).
 
         Args:
             adata: the cells, with the training genes (default: the training AnnData).
             n_samples: importance samples K per cell.
             per_gene: add one column per gene: its posterior-mean log-likelihood
                 ``E_q[log p(x_g | z)]``.
-            seed: seeds the draws (the global random state is left as it was).
+            seed: seeds the draws (the global random state is left as it was). With ``out``,
+                chunk ``k`` is seeded with ``seed + k``: one chunk gives the table of a call
+                without ``out`` exactly; several, other draws of the same estimates.
+            out: path of a new ``.csv`` file (an existing file is an error).
+            chunk_cells: cells scored and written at a time (with ``out``).
 
         Returns:
-            DataFrame indexed by obs_names: ``log_likelihood`` (nats) [and one column per gene].
+            DataFrame indexed by obs_names: ``log_likelihood`` (nats) [and one column per gene];
+            with ``out``, the path of the file written, holding the same table.
         """
-        scores = self._call(evaluate.cell_scores, adata, n_samples, per_gene=per_gene, seed=seed)
-        self._adata(adata).obs[_LOG_LIKELIHOOD_KEY] = scores["log_likelihood"].to_numpy()
-        return scores
+        if out is None:
+            scores = self._call(
+                evaluate.cell_scores, adata, n_samples, per_gene=per_gene, seed=seed
+            )
+            results.store_obs(
+                self._adata(adata), _LOG_LIKELIHOOD_KEY, scores["log_likelihood"].to_numpy()
+            )
+            return scores
+        path = results.new_file(out, ".csv")
+        data = self._data_for(adata)
+        with self._scope() as (model, guide, networks):
+            options = {"per_gene": per_gene, "networks": networks, "device": self.device}
+            for number, start in enumerate(range(0, data.n_cells, chunk_cells)):
+                part = data.subset(np.arange(start, min(start + chunk_cells, data.n_cells)))
+                table = evaluate.cell_scores(
+                    model, guide, part, n_samples, seed=seed + number, **options
+                )
+                table.to_csv(path, mode="a", header=number == 0)
+        return path
 
     def normalized_expression(
         self,

@@ -16,6 +16,7 @@ import pandas as pd
 
 from pyrosc import de_results
 from pyrosc import differential_expression as de
+from pyrosc.api import results
 
 if TYPE_CHECKING:
     from pyrosc.api.base import PyroscModel
@@ -108,19 +109,17 @@ class DifferentialExpression:
     ) -> pd.DataFrame:
         """:meth:`differential_expression` with every cell decoded under ``covariates``."""
         target = self._adata(adata)
-        if groupby not in target.obs:
-            raise ValueError(
-                f"groupby {groupby!r} is not an obs column; the columns are: "
-                f"{list(target.obs.columns)}"
-            )
-        results = self._call(
+        groups = results.obs_column(target, groupby)
+        de_table = self._call(
             de.differential_expression,
             adata,
-            target.obs[groupby],
+            groups,
             group1,
             group2,
             covariates=covariates,
             **options,
         )
-        target.uns[de_results.UNS_KEY] = de_results.rank_genes_groups(results, groupby)
-        return results
+        results.store_uns(
+            target, de_results.UNS_KEY, de_results.rank_genes_groups(de_table, groupby)
+        )
+        return de_table

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pyrosc import evaluate
+from pyrosc.api import results
 from pyrosc.api.base import PyroscModel
 from pyrosc.api.vae import VAE
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide
@@ -92,7 +93,7 @@ class GMVAE(PyroscModel):
 
     def fit(
         self,
-        max_epochs: int = 400,
+        max_epochs: int | None = None,
         *,
         init: str = "kmeans",
         init_epochs: int | None = None,
@@ -102,7 +103,8 @@ class GMVAE(PyroscModel):
         """Fit by SVI with ``TraceEnum_ELBO`` (see :meth:`PyroscModel.fit` for the options).
 
         Args:
-            max_epochs: epochs of the GMVAE itself.
+            max_epochs: epochs of the GMVAE itself; None (the default) chooses from the
+                number of cells, as :meth:`PyroscModel.fit`.
             init: ``"kmeans"`` (a VAE warm start of ``init_epochs`` epochs, then k-means of its
                 latent: see the class notes) or ``"random"`` (component means ~ N(0, I)).
             init_epochs: epochs of the warm-start VAE (``init="kmeans"`` only; default 50).
@@ -194,7 +196,7 @@ class GMVAE(PyroscModel):
             ``(cells, n_clusters)`` float64; rows sum to one.
         """
         probs = self._call(evaluate.discrete_posterior, adata, "y")
-        self._adata(adata).obsm[_CLUSTER_PROBS_KEY] = probs
+        results.store_obsm(self._adata(adata), _CLUSTER_PROBS_KEY, probs)
         return probs
 
     def clusters(self, adata: ad.AnnData | None = None) -> np.ndarray:
@@ -205,7 +207,8 @@ class GMVAE(PyroscModel):
         """
         adata = self._adata(adata)
         labels = self.cluster_probabilities(adata).argmax(axis=1)
-        adata.obs[_CLUSTER_KEY] = pd.Categorical(
+        names = pd.Categorical(
             labels.astype(str), categories=[str(i) for i in range(self.config["n_clusters"])]
         )
+        results.store_obs(adata, _CLUSTER_KEY, names)
         return labels

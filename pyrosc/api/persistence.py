@@ -20,7 +20,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyrosc import traces
+from pyrosc import streaming, traces
 from pyrosc.distributed import is_rank_zero
 from pyrosc.train import TrainResult, free_parameter_names, resolve_device
 
@@ -68,7 +68,7 @@ def read_meta(path: str | Path) -> dict:
 
 def check_genes(adata: ad.AnnData, var_names: list[str]) -> None:
     """Raise unless ``adata``'s genes are the model's ``var_names``, in their order."""
-    genes = [str(v) for v in adata.var_names]
+    genes = [str(v) for v in streaming.var_names_of(adata)]
     if genes == var_names:
         return
     missing = len(set(var_names) - set(genes))
@@ -91,12 +91,13 @@ def load(
     meta = read_meta(path)
     if meta.get("class") != cls.__name__:
         raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
+    adata = streaming.opened(adata, meta["config"].get("layer"))  # paths: counts left on disk
     check_genes(adata, meta["var_names"])
     model = cls(adata, **meta["config"])
     if model.data.covariate_categories != meta["covariate_categories"]:
         # Codes must mean what they meant in training (adata may hold fewer categories).
         model.data = model._validated(
-            adata, model.config.get("labels_key"), meta["covariate_categories"]
+            model.adata, model.config.get("labels_key"), meta["covariate_categories"]
         )
     model.device = resolve_device(device)
     tensors = torch.load(path / "model.pt", map_location=model.device, weights_only=True)

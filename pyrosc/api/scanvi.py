@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pyrosc import input_checks as checks
-from pyrosc import traces
+from pyrosc import streaming, traces
 from pyrosc.api.scvi import SCVI, library_networks
 from pyrosc.data import CountData
 from pyrosc.guides import scanvi_guide
@@ -94,8 +94,12 @@ class SCANVI(SCVI):
             raise ValueError(f"classification_ratio must be a number >= 0, got {ratio!r}")
         # Read by _validated, which the base constructor calls to encode the labels.
         self.unlabeled_category = str(unlabeled_category)
+        adata = streaming.opened(adata, layer)  # paths: opened once, counts left on disk
         self.label_categories = _label_categories(
-            adata, labels_key, self.unlabeled_category, label_categories
+            streaming.cells_of(adata, [labels_key]),
+            labels_key,
+            self.unlabeled_category,
+            label_categories,
         )
         self._scvi_start: tuple[dict, dict] | None = None
         super().__init__(
