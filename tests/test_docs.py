@@ -7,6 +7,7 @@ under a minute. Skipped where the docs tools (the ``docs`` extra) are not instal
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -45,9 +46,17 @@ def test_every_public_name_has_a_page(site):
 
 
 def test_tutorials_render_with_their_figures(site):
+    """Every figure among a notebook's committed outputs is an image on its page."""
     for path in TUTORIALS:
+        notebook = json.loads(path.read_text())
+        figures = sum(
+            any(kind.startswith("image/") for kind in output.get("data", {}))
+            for cell in notebook["cells"]
+            for output in cell.get("outputs", [])
+        )
         html = (site / "tutorials" / f"{path.stem}.html").read_text()
-        assert len(re.findall(r"<img [^>]*src=\"[^\"]*_images/", html)) >= 1, path.name
+        images = re.findall(r"<img [^>]*src=\"[^\"]*_images/", html)
+        assert len(images) >= figures, f"{path.name}: {len(images)} images of {figures} figures"
 
 
 def test_readme_sections_are_on_the_site(site):
