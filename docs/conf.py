@@ -24,6 +24,8 @@ DOCS = Path(__file__).resolve().parent
 # The pages include the README's sections from a copy beside them, so that its relative links
 # (tutorials/..., benchmarks/...) resolve from docs/, where the copies above are.
 shutil.copy2(ROOT / "README.md", DOCS / "_readme.md")
+# autosummary never deletes a page it no longer generates: start from none at every build.
+shutil.rmtree(DOCS / "generated", ignore_errors=True)
 for folder, patterns in [("tutorials", ["*.ipynb"]), ("benchmarks", ["*.md", "*.png"])]:
     shutil.rmtree(DOCS / folder, ignore_errors=True)
     (DOCS / folder).mkdir()
