@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo test test-slow docs lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.docs: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e ".[docs]"
 	touch $@
 
 ## demo: install pyrosc and fit the VAE to the embedded PBMC 3k dataset (writes pyrosc_out/)
@@ -36,9 +40,13 @@ test: $(VENV)/.test
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -m slow
 
+## docs: install the docs tools; build the site into docs/_build/html (warnings are errors)
+docs: $(VENV)/.docs
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 format: $(VENV)/.test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) pyrosc_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) pyrosc_out .pytest_cache .ruff_cache docs/_build docs/generated

@@ -92,7 +92,7 @@ def plot_de(
 ):
     """Volcano plots, one panel per comparison: ``lfc_mean`` against ``proba_de`` (or the
     ``bayes_factor``), the genes called higher in group1 red, lower blue, the others grey;
-    dashed lines at ``±delta``; the ``n_labels`` called genes of largest |LFC| named.
+    dashed lines at ``±delta``; the ``n_labels`` called genes of largest ``|LFC|`` named.
 
     Args:
         results: a table of :func:`pyrosc.differential_expression.differential_expression`

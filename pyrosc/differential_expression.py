@@ -310,7 +310,7 @@ def differential_expression(
             cells (no ``group2``); or each group against the rest (neither).
         mode: ``"change"`` (``P(LFC > delta)`` or ``P(LFC < -delta)``, the larger) or
             ``"vanilla"`` (which group is higher).
-        delta: change mode's threshold on |LFC| (log2); None: 0.25.
+        delta: change mode's threshold on ``|LFC|`` (log2); None: 0.25.
         fdr_target: the posterior expected FDR of the calls.
         covariates: decode every cell under these settings, at each draw their mean (one per
             batch: a batch-corrected comparison); None: each cell's own.

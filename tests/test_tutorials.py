@@ -1,7 +1,9 @@
-"""The tutorials run top to bottom, and are committed without outputs.
+"""The tutorials run top to bottom, and are committed with the outputs of their full-length run.
 
-Every ``tutorials/*.ipynb`` is executed in memory (nothing is written back) with nbclient, in a
-fresh ``python3`` kernel whose working directory is the repository root, with the tutorials'
+Every ``tutorials/*.ipynb`` is committed as executed once, top to bottom, at its full-length
+defaults (the documentation renders these outputs; nothing re-executes them at build time). The
+tests also execute each in memory (nothing is written back) with nbclient, in a fresh
+``python3`` kernel whose working directory is the repository root, with the tutorials'
 environment variables set to their smallest settings: a couple of epochs on a few hundred
 cells. The full-length settings are each notebook's defaults (see its first code cell).
 """
@@ -9,6 +11,7 @@ cells. The full-length settings are each notebook's defaults (see its first code
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -25,6 +28,20 @@ SMALL = {
     "PYROSC_TUTORIAL_CELLS": "256",
     "PYROSC_TUTORIAL_REPEATS": "3",
 }
+#: MIME types of the figures a cell displays.
+IMAGE_TYPES = {"image/png", "image/svg+xml", "image/jpeg"}
+#: Calls that draw a figure; a code cell that makes one must have an image among its outputs.
+PLOTTING = re.compile(r"plt\.subplots|plt\.figure|sc\.pl\.|\.plot\(|plot_de\(")
+#: Notebooks still committed without the outputs of their full-length run (issue 21): the check
+#: below is expected to fail for them, and fails outright once one is run (strict), so that the
+#: name is taken off this list with the notebook's outputs.
+NOT_YET_RUN = {
+    "01_vae_for_counts.ipynb",
+    "02_posterior_collapse.ipynb",
+    "03_discrete_latents_enumeration.ipynb",
+    "04_batches_and_counterfactuals.ipynb",
+    "05_write_your_own_model.ipynb",
+}
 #: Seconds one notebook may take before it fails (they take well under a minute each).
 TIMEOUT = 300
 
@@ -33,14 +50,32 @@ def test_there_are_tutorials():
     assert len(TUTORIALS) >= 4, TUTORIALS
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=lambda path: path.name)
-def test_tutorial_is_committed_without_outputs(path):
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            path,
+            marks=pytest.mark.xfail(path.name in NOT_YET_RUN, reason="not yet run", strict=True),
+        )
+        for path in TUTORIALS
+    ],
+    ids=lambda path: path.name,
+)
+def test_tutorial_is_committed_with_the_outputs_of_one_run(path):
+    """Execution counts 1..n in order (one top-to-bottom run), no errors, and the figures."""
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    for number, cell in enumerate(notebook.cells):
-        if cell.cell_type == "code":
-            assert cell.outputs == [], f"cell {number} has outputs: clear them before committing"
-            assert cell.execution_count is None, f"cell {number} has an execution count"
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code_cells]
+    assert counts == list(range(1, len(code_cells) + 1)), (
+        f"execution counts {counts}: run the notebook once, top to bottom, at its defaults"
+    )
+    for number, cell in enumerate(code_cells, start=1):
+        kinds = [output.output_type for output in cell.outputs]
+        assert "error" not in kinds, f"code cell {number} has an error output"
+        images = [o for o in cell.outputs if set(o.get("data", {})) & IMAGE_TYPES]
+        if PLOTTING.search(cell.source):
+            assert images, f"code cell {number} plots but has no image output"
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda path: path.name)
@@ -61,6 +96,7 @@ def test_tutorial_runs_top_to_bottom(path, monkeypatch):
     # Fits this small gain nothing from a second thread, and PyTorch's threads slow down many
     # times over when other processes keep the cores busy.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    committed = path.read_bytes()
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook,
@@ -69,3 +105,4 @@ def test_tutorial_runs_top_to_bottom(path, monkeypatch):
         resources={"metadata": {"path": str(ROOT)}},
     )
     client.execute()  # raises CellExecutionError, with the failing cell, if a cell fails
+    assert path.read_bytes() == committed, "the small run must not write the notebook"

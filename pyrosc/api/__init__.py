@@ -1,5 +1,5 @@
 """Notebook-facing classes: build a model from an AnnData, fit it, and put results where scanpy
-users look for them (``adata.obsm["X_pyrosc"]``). One file per class, as in pyrosc/models/.
+users look for them (``adata.obsm["X_pyrosc"]``). One file per class, as in pyrosc/models/::
 
     base.py         PyroscModel: setup, fit, latent, scores and the predictive questions
     batches.py      BatchModel: the questions that name a batch (simulate in, decode as)

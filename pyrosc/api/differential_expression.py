@@ -64,7 +64,7 @@ class DifferentialExpression:
             group1, group2: ``group1`` against ``group2``; ``group1`` against the rest (no
                 ``group2``); each group against the rest (neither).
             mode: ``"change"`` or ``"vanilla"``.
-            delta: change mode's threshold on |LFC| (log2); None: 0.25. Not with vanilla.
+            delta: change mode's threshold on ``|LFC|`` (log2); None: 0.25. Not with vanilla.
             fdr_target: the posterior expected FDR of the calls, in (0, 1).
             n_samples: posterior draws (each of every drawn cell, with fresh Bayesian
                 bootstrap weights over the group's cells).

@@ -45,11 +45,12 @@ class SCANVI(SCVI):
         adata: raw counts in ``adata.X`` or ``adata.layers[layer]``, cells x genes.
         labels_key: obs column of the cell types.
         unlabeled_category: the value in that column that marks an unlabelled cell.
-        batch_key, likelihood, dispersion, library, layer, categorical_covariate_keys,
-            continuous_covariate_keys, encode_covariates, n_latent, n_hidden, n_layers,
-            dropout, batch_norm, layer_norm, deeply_inject_covariates: as :class:`SCVI`; the
-            classifier and the networks of ``z2`` have the same sizes (as scvi-tools'), and
-            scVI's default layers.
+        batch_key, likelihood, dispersion, library, layer: as :class:`SCVI`, and so are
+            ``categorical_covariate_keys``, ``continuous_covariate_keys``,
+            ``encode_covariates``, ``n_latent``, ``n_hidden``, ``n_layers``, ``dropout``,
+            ``batch_norm``, ``layer_norm`` and ``deeply_inject_covariates``; the classifier and
+            the networks of ``z2`` have the same sizes (as scvi-tools'), and scVI's default
+            layers.
         classification_ratio: weight of the classification term, as scvi-tools' (default 50):
             per cell, the objective is the ELBO plus ``classification_ratio`` times the mean of
             ``log q(label | z1)`` over the labelled training cells. Each labelled cell's term is

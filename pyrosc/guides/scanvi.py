@@ -47,8 +47,9 @@ def scanvi_guide(
     :mod:`pyrosc.evaluate`) leave out of the sum.
 
     Args:
-        counts, covariates, continuous_covariates, cell_index, n_cells, encoder,
-            library_encoder: as :func:`pyrosc.guides.scvi_guide` (``encoder`` gives ``z1``).
+        counts, covariates, continuous_covariates, cell_index, n_cells: as
+            :func:`pyrosc.guides.scvi_guide`, and so are ``encoder`` (which gives ``z1``) and
+            ``library_encoder``.
         label: ``(cells,)`` code of each cell's type, -1 where it is unlabelled.
         classifier: ``(..., n_latent)`` ``z1`` -> ``(..., K)`` logits of ``q(y | z1)``.
         z2_encoder: ``(..., n_latent)`` ``z1`` and the type (a covariate with K categories) ->
