@@ -301,9 +301,10 @@ class ScviDecoder(nn.Module):
     """scVI's decoder: a :class:`CountDecoder` and, optionally, a third head on the same hidden
     units for a per-cell inverse dispersion ``theta_ng`` (scVI's ``dispersion="gene-cell"``).
 
+    ``n_input``, ``n_genes``, ``n_hidden``, ``n_layers``, ``dropout``, ``covariate_sizes``,
+    ``gate``, ``n_continuous`` and ``style`` are as in :class:`CountDecoder`.
+
     Args:
-        n_input, n_genes, n_hidden, n_layers, dropout, covariate_sizes, gate, n_continuous,
-            style: as :class:`CountDecoder`.
         cell_dispersion: whether to output an inverse dispersion per cell and gene.
     """
 
