@@ -236,9 +236,9 @@ def train(
             minibatches.
         progress: rank 0 shows a bar of the epochs (on its own standard error).
         callbacks: Lightning callbacks added to the trainer (e.g. a logger of the history).
-        max_epochs, lr, validation_fraction, split, early_stopping, patience,
-            kl_warmup_epochs, free_bits, frozen, check_every_step, seed: as
-            :func:`pyrosc.train.train`.
+        max_epochs: as :func:`pyrosc.train.train`, and so are ``lr``,
+            ``validation_fraction``, ``split``, ``early_stopping``, ``patience``,
+            ``kl_warmup_epochs``, ``free_bits``, ``frozen``, ``check_every_step`` and ``seed``.
 
     Returns:
         a :class:`pyrosc.train.TrainResult`; ``train_elbo`` is the mean over every rank's

@@ -219,8 +219,9 @@ def from_backed(
             or :func:`read_backed`), a path (opened with :func:`read_backed`), or a list of
             these with the same genes in the same order, whose cells are stacked in order.
             Never modified; the files are only read.
-        layer, batch_key, labels_key, categorical_covariate_keys, covariate_categories,
-            continuous_covariate_keys: as :func:`pyrosc.data.from_anndata`.
+        layer: as :func:`pyrosc.data.from_anndata`, and so are ``batch_key``, ``labels_key``,
+            ``categorical_covariate_keys``, ``covariate_categories`` and
+            ``continuous_covariate_keys``.
         options: block size, shuffling window and read-ahead (:class:`StreamOptions`).
 
     Returns:
