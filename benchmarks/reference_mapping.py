@@ -89,6 +89,15 @@ def knn_scores(reference_latent, reference: ad.AnnData, query_latent, query: ad.
     )
 
 
+def scanvi_scores(probabilities, query: ad.AnnData) -> dict:
+    """scANVI's transfer scored on the query: the most probable label of each cell (a
+    cells x labels DataFrame of ``predict(soft=True)``), uncertainty 1 - its probability."""
+    predicted = probabilities.idxmax(axis=1).astype(str).to_numpy()
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    uncertainty = 1 - probabilities.max(axis=1).to_numpy()
+    return transfer_scores(truth, predicted, uncertainty)
+
+
 def scib_joint(reference: ad.AnnData, query: ad.AnnData, latents: list[np.ndarray]) -> dict:
     """scib-metrics of the joint latent of reference and query cells."""
     from scvi_heldout import scib_scores
@@ -131,11 +140,7 @@ def run_pyrosc(reference: ad.AnnData, query: ad.AnnData, seed: int) -> dict:
     result["scanvi_query_seconds"] = timed(
         lambda: scanvi_query.fit(max_epochs=EPOCHS["scanvi_query"], **fit)
     )
-    probabilities = scanvi_query.predict(soft=True)
-    predicted = probabilities.idxmax(axis=1).astype(str).to_numpy()
-    truth = query.obs["cell_type"].astype(str).to_numpy()
-    uncertainty = 1 - probabilities.max(axis=1).to_numpy()
-    result["scanvi"] = transfer_scores(truth, predicted, uncertainty)
+    result["scanvi"] = scanvi_scores(scanvi_query.predict(soft=True), query)
 
     both = ad.concat([reference, query])
     de_novo = pyrosc.SCVI(both, batch_key="batch", **settings)
@@ -182,11 +187,7 @@ def run_scvi_tools(reference: ad.AnnData, query: ad.AnnData, seed: int) -> dict:
             max_epochs=EPOCHS["scanvi_query"], plan_kwargs={"weight_decay": 0.0}, **trainer
         )
     )
-    probabilities = scanvi_query.predict(soft=True)
-    predicted = probabilities.idxmax(axis=1).astype(str).to_numpy()
-    truth = query.obs["cell_type"].astype(str).to_numpy()
-    uncertainty = 1 - probabilities.max(axis=1).to_numpy()
-    result["scanvi"] = transfer_scores(truth, predicted, uncertainty)
+    result["scanvi"] = scanvi_scores(scanvi_query.predict(soft=True), query)
 
     both = ad.concat([reference, query])
     scvi.model.SCVI.setup_anndata(both, batch_key="batch")
