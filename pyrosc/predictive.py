@@ -144,6 +144,17 @@ def _scaled_proportions(
     return proportions if library_size == 1 else library_size * proportions
 
 
+def _scaled_variance(
+    trace: poutine.Trace, minibatch: dict[str, Tensor], library_size: float | str
+) -> Tensor:
+    """``Var(l' x / l)`` of the ``counts`` site's distribution, ``(n_samples, cells, genes)``;
+    with ``"latent"``, ``l'`` is ``l``: the counts' own variance."""
+    variance = trace.nodes[COUNTS]["fn"].variance
+    if library_size == "latent":
+        return variance
+    return variance * (library_size / _library(trace, minibatch).unsqueeze(-1)) ** 2
+
+
 def _reported_values(
     trace: poutine.Trace, minibatch: dict[str, Tensor], data: CountData
 ) -> dict[str, Tensor]:
@@ -390,10 +401,11 @@ def expression_draws(
     library_size: float | str = 1.0,
     n_samples: int = 1,
     *,
+    count_variance: bool = False,
     networks: nn.Module | None = None,
     batch_size: int | None = None,
     device: torch.device | str = "cpu",
-) -> Iterator[tuple[np.ndarray, Tensor]]:
+) -> Iterator[tuple[np.ndarray, Tensor, Tensor | None]]:
     """Each cell's normalised expression ``l' rho`` at ``n_samples`` posterior draws, decoded
     under ``covariates``, a chunk of cells at a time: what :func:`normalized_expression`
     averages and :mod:`pyrosc.differential_expression` compares.
@@ -404,10 +416,14 @@ def expression_draws(
             at each draw, the mean over them, all decoded from the same draws of the latents.
         library_size: as :func:`counterfactual`; 1 gives the proportions rho.
         n_samples: posterior draws per cell.
+        count_variance: also the variance of the cell's counts on the same scale,
+            ``Var(l' x / l)``, read from the ``counts`` site's distribution at each draw (``l``
+            the library the model used; several settings: the mean of theirs).
 
     Yields:
-        ``(index, expression)``: the chunk's cell positions in ``data``, ``(cells,)``, and its
-        expression, ``(n_samples, cells, genes)`` float32 on ``device``.
+        ``(index, expression, variance)``: the chunk's cell positions in ``data``,
+        ``(cells,)``; its expression and (None unless ``count_variance``) the variance,
+        ``(n_samples, cells, genes)`` float32 on ``device``.
     """
     _check_library_size(library_size)
     check_n_samples(n_samples)
@@ -423,8 +439,20 @@ def expression_draws(
                 _scaled_proportions(trace, g, library_size)
                 for trace, g in zip(traces, given, strict=True)
             ]
-            # One setting is its own mean: no copy of an (n_samples, cells, genes) tensor.
-            yield index, expression[0] if len(expression) == 1 else torch.stack(expression).mean(0)
+            variance = None
+            if count_variance:
+                variance = _mean(
+                    [
+                        _scaled_variance(t, g, library_size)
+                        for t, g in zip(traces, given, strict=True)
+                    ]
+                )
+            yield index, _mean(expression), variance
+
+
+def _mean(tensors: list[Tensor]) -> Tensor:
+    """The mean of equal-shaped tensors; one is its own mean (no copy of a large tensor)."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(0)
 
 
 def normalized_expression(
@@ -463,5 +491,5 @@ def normalized_expression(
         batch_size=batch_size,
         device=device,
     )
-    chunks = [expression.mean(dim=0).cpu() for _, expression in draws]
+    chunks = [expression.mean(dim=0).cpu() for _, expression, _ in draws]
     return torch.cat(chunks).numpy().astype(np.float32)

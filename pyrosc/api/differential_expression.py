@@ -38,6 +38,8 @@ class DifferentialExpression:
         max_cells_per_group: int = 500,
         pseudocount: float = 0.1,
         min_detection: float = 0.05,
+        sampling_noise: bool = True,
+        shrink: bool = True,
         seed: int = 0,
         adata: ad.AnnData | None = None,
     ) -> pd.DataFrame:
@@ -74,6 +76,14 @@ class DifferentialExpression:
                 groups' expression before the log ratio.
             min_detection: genes detected in less than this share of the cells of both
                 groups are never called.
+            sampling_noise: each draw of a cell's expression is a replicate of its counts
+                drawn from the model (divided by its library), not rho itself: the counts'
+                sampling noise is part of the LFC's posterior. False: rho (narrower
+                intervals that miss it; see the module's docstring).
+            shrink: adaptive shrinkage (:mod:`pyrosc.de_shrinkage`): the LFC's prior is
+                learnt from all genes of the comparison, most of which do not change, so a
+                gene a few standard errors from 0 is not called on its own say-so. False:
+                each gene's posterior from the model alone (a flat prior on its LFC).
             seed: seeds every draw (the global random state is left as it was).
             adata: the cells, with the training genes and the ``groupby`` column (default:
                 the training AnnData); the layout is written to its ``uns``.
@@ -94,6 +104,8 @@ class DifferentialExpression:
             "max_cells_per_group": max_cells_per_group,
             "pseudocount": pseudocount,
             "min_detection": min_detection,
+            "sampling_noise": sampling_noise,
+            "shrink": shrink,
             "seed": seed,
         }
         return self._differential_expression(groupby, group1, group2, None, adata, options)
