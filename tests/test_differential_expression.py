@@ -121,17 +121,18 @@ def check_calibration(measured: dict, fdr_targets=(0.05, 0.1)) -> None:
     and at least half the truly changed genes are found.
 
     The 95% intervals cover the true LFC of the changed genes at about the nominal rate
-    (measured 0.94 of 16 at 600 and at 2,000 cells; the bound, 0.8, is three binomial sds
-    below 0.95). The other genes' true LFCs are not 0 but a few hundredths (the proportions are
-    renormalised); shrinkage puts most of their posterior on 0 exactly, so the check is that
-    their intervals lie within +-delta (measured 0.88 at 600 cells; bound 0.8): the model
-    says they did not change by delta."""
+    (measured 15 of 16 at 600 cells, 13 or 15 of 16 at 2,000 by the thread count; the bound,
+    12 of 16, has a chance under 1% at a true rate of 0.95). The other genes' true LFCs are
+    not 0 but a few hundredths (the proportions are renormalised); shrinkage puts most of
+    their posterior on 0 exactly, so the check is that their intervals lie within +-delta
+    (measured 0.88-0.89 at 600 cells, 0.98 at 2,000; bound 0.8): the model says they did not
+    change by delta."""
     for target in fdr_targets:
         n_called, n_false = measured[target]
         assert n_called >= measured["truly_de"] // 2, measured  # power: at least half found
         slack = 2 * np.sqrt(target * (1 - target) / n_called)
         assert n_false / n_called <= target + slack, measured
-    assert measured["coverage_changed"] >= 0.8, measured
+    assert measured["coverage_changed"] >= 0.75, measured
     assert measured["unchanged_within_delta"] >= 0.8, measured
 
 
