@@ -136,7 +136,8 @@ class CountData:
             (shape (B, 0) when there are none); ``cell_index``: (B,) int64 positions of the
             cells in the dataset (see :attr:`cell_index`), the indices the ``cells`` plate
             subsamples; and, when the data has them, ``label``: (B,) int64 codes (-1:
-            unlabelled, see :attr:`label`).
+            unlabelled, see :attr:`label`). On a GPU the arrays go through pinned (page-locked)
+            memory and are copied without blocking, so that a copy overlaps the GPU's work.
         """
         index = _positions(index)
         rows = self.count_rows(index)
@@ -155,10 +156,17 @@ class CountData:
         }
         if self.label is not None:
             arrays["label"] = self.label[index]
+        pinned = torch.device(device).type == "cuda"
         return {
-            name: torch.from_numpy(array).to(device, non_blocking=True)
+            name: _pinned(torch.from_numpy(array), pinned).to(device, non_blocking=True)
             for name, array in arrays.items()
         }
+
+
+def _pinned(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """``tensor`` in page-locked memory when ``pinned`` (a host-to-GPU copy from it need not
+    wait), else as it is."""
+    return tensor.pin_memory() if pinned else tensor
 
 
 def from_anndata(

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import dense, log_normalise, make_adata
+from conftest import dense, log_normalise, make_adata, simulate_counts
 
 import pyrosc
 from pyrosc.data import CountData, MinibatchSampler, align_genes, from_anndata, split_cells
@@ -279,3 +279,25 @@ def test_embedded_cellbench_is_raw_counts_with_batches_and_split():
     assert adata.obs["split"].value_counts().to_dict() == {"train": 1275, "test": 133}
     values = adata.X.data
     assert (values >= 0).all() and (values == np.round(values)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_minibatches_reach_the_gpu_through_pinned_memory(monkeypatch):
+    """On a GPU every array is pinned before its non-blocking copy, and arrives unchanged."""
+    data = from_anndata(simulate_counts(n_cells=40, n_genes=12))
+    pinned = []
+    original = torch.Tensor.pin_memory
+
+    def spy(tensor, *args, **kwargs):
+        pinned.append(tensor.shape)
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", spy)
+    index = np.arange(8)
+    on_gpu = data.minibatch(index, "cuda")
+    on_cpu = data.minibatch(index, "cpu")
+    torch.cuda.synchronize()
+    assert len(pinned) == len(on_gpu)
+    for name, tensor in on_gpu.items():
+        assert tensor.device.type == "cuda"
+        torch.testing.assert_close(tensor.cpu(), on_cpu[name])
