@@ -81,6 +81,29 @@ class BlockReader:
         self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
         self._lock = threading.Lock()
 
+    # -- in another process --------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """What a process started by ``spawn`` receives: the files by name, no open handle
+        (HDF5 handles do not cross processes), an empty cache."""
+        state = self.__dict__.copy()
+        state["matrices"] = [_Reopen.of(matrix) for matrix in self.matrices]
+        state["_cache"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.matrices = [_Reopen.opened(matrix) for matrix in self.matrices]
+        self._lock = threading.Lock()
+
+    def reopen(self) -> None:
+        """Open this reader's files afresh (read-only) and empty its cache: what a process
+        forked from the one that opened them does before reading (an HDF5 handle shared across
+        a fork is not safe)."""
+        with self._lock:
+            self.matrices = [_Reopen.opened(_Reopen.of(matrix)) for matrix in self.matrices]
+            self._cache.clear()
+
     @property
     def n_rows(self) -> int:
         """Rows of all matrices together."""
@@ -204,6 +227,29 @@ class CsrOnDisk:
             (_joined(data, self.dtype), _joined(indices, self.indices.dtype), indptr),
             shape=(len(rows), self.shape[1]),
         )
+
+
+class _Reopen:
+    """A matrix on disk by file name and path in the file, to open again in another process
+    (read-only); a matrix in memory is kept as it is."""
+
+    def __init__(self, kind: str, file: str, name: str) -> None:
+        self.kind, self.file, self.name = kind, file, name
+
+    @staticmethod
+    def of(matrix: object) -> object:
+        if isinstance(matrix, CsrOnDisk):
+            return _Reopen("csr", matrix.data.file.filename, matrix.data.parent.name)
+        if isinstance(matrix, h5py.Dataset):
+            return _Reopen("dense", matrix.file.filename, matrix.name)
+        return matrix
+
+    @staticmethod
+    def opened(matrix: object) -> object:
+        if not isinstance(matrix, _Reopen):
+            return matrix
+        node = h5py.File(matrix.file, "r")[matrix.name]
+        return CsrOnDisk(anndata.io.sparse_dataset(node)) if matrix.kind == "csr" else node
 
 
 def _joined(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:

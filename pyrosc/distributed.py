@@ -68,7 +68,6 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from pyrosc.data import CountData, MinibatchSampler
 from pyrosc.freezing import Frozen, FrozenFit
-from pyrosc.streaming import StreamedCountData
 from pyrosc.traces import bind_data, eval_mode
 from pyrosc.train import (
     Objective,
@@ -254,12 +253,6 @@ def train(
     pl = import_lightning()
     from pyrosc.lightning_svi import FitSettings, QuietDDPStrategy, SVIModule
 
-    if isinstance(data, StreamedCountData):
-        raise ValueError(
-            "several processes (strategy=...) train on counts in memory only for now: each rank "
-            "would read every block of the file; load the counts (adata.to_memory()) or fit in "
-            "one process, which streams them"
-        )
     max_epochs, epochs_reason = resolve_epochs(max_epochs, data.n_cells)
     patience = check_options(early_stopping, patience, free_bits, kl_warmup_epochs)
     train_index, validation_index = fit_split(

@@ -21,6 +21,7 @@ several processes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import warnings
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 from pyrosc.data import CountData, MinibatchSampler
 from pyrosc.evaluate import elbo
 from pyrosc.freezing import Frozen, FrozenFit
+from pyrosc.streaming import StreamedCountData
 from pyrosc.traces import bind_data
 from pyrosc.train import (
     EarlyStopping,
@@ -90,23 +92,28 @@ class QuietDDPStrategy(DDPStrategy):
 class RankMinibatches:
     """One process's share of each epoch's minibatches.
 
-    Every process draws the same shuffled order (the sampler is seeded alike everywhere); of
-    its minibatches, rank ``r`` of ``W`` reads numbers ``r, r + W, r + 2W, ...``, so that one
-    step of all ranks covers ``W`` consecutive minibatches of that order. Every rank takes
-    ``len(sampler) // W`` steps, the same number (DDP needs one backward pass per rank per
-    step); the last ``len(sampler) % W`` minibatches of an epoch (fewer than ``W``; other cells
-    each epoch) are left out.
+    Every process draws the same shuffled order (the sampler is seeded alike everywhere), and
+    every rank takes ``len(sampler) // W`` steps, the same number (DDP needs one backward pass
+    per rank per step); the last ``len(sampler) % W`` minibatches of an epoch (fewer than
+    ``W``; other cells each epoch) are left out. Which minibatches a rank takes:
+
+    * counts in memory: numbers ``r, r + W, r + 2W, ...`` of that order, so that one step of
+      all ranks covers ``W`` consecutive minibatches;
+    * counts on disk (``data.minibatches`` reads ahead): the ``r``-th of ``W`` consecutive
+      runs of the order, so that each rank reads its own windows of blocks, about ``1 / W``
+      of the file per epoch, instead of every rank reading every block.
 
     Args:
         data: the training cells; ``minibatch(index)`` reads them.
         sampler: yields ``(B,)`` int64 positions in ``data`` per minibatch, an epoch per
-            iteration (:class:`pyrosc.data.MinibatchSampler`).
+            iteration (:meth:`pyrosc.data.CountData.sampler`).
         rank, world_size: this process's number and how many there are.
     """
 
     def __init__(self, data: CountData, sampler: MinibatchSampler, rank: int, world_size: int):
         self.data, self.sampler = data, sampler
         self.rank, self.world_size = rank, world_size
+        self.on_disk = isinstance(data, StreamedCountData)
 
     def __len__(self) -> int:
         """Steps per epoch."""
@@ -114,9 +121,13 @@ class RankMinibatches:
 
     def __iter__(self):
         """The minibatch dictionaries of this rank (:meth:`CountData.minibatch`), on the CPU."""
-        last = len(self) * self.world_size
+        steps = len(self)
+        if self.on_disk:
+            own = itertools.islice(self.sampler, self.rank * steps, (self.rank + 1) * steps)
+            yield from self.data.minibatches(own)
+            return
         for number, index in enumerate(self.sampler):
-            if number >= last:
+            if number >= steps * self.world_size:
                 break
             if number % self.world_size == self.rank:
                 yield self.data.minibatch(index)
@@ -218,8 +229,10 @@ class SVIModule(pl.LightningModule):
         self.warm_guide = self.kl_weight(bind_data(guide))
         self.loss_fn = self.objective.loss(frozen=s.frozen is not None)
         rank, world_size = self.global_rank, self.trainer.world_size
+        if isinstance(self.data, StreamedCountData):
+            self.data.reader.reopen()  # a forked process must not share the parent's handles
         self.train_data = self.data.subset(self.train_index)
-        sampler = MinibatchSampler(self.train_data.n_cells, s.batch_size, shuffle=True, seed=s.seed)
+        sampler = self.train_data.sampler(s.batch_size, s.seed)
         self.minibatches = RankMinibatches(self.train_data, sampler, rank, world_size)
         shard = self.validation_index[rank::world_size]
         self.validation_data = self.data.subset(shard) if len(shard) else None

@@ -11,9 +11,11 @@ level.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -354,15 +356,64 @@ def test_options_that_do_not_apply_are_errors():
         model.fit(strategy="ddp", devices=4, accelerator="cpu", batch_size=32)
 
 
-def test_counts_on_disk_are_refused_with_a_way_out(tmp_path):
-    """Several processes would each read every block of the file: refused, saying what to do."""
+def test_two_processes_fit_counts_on_disk_each_reading_its_own_windows(tmp_path, monkeypatch):
+    """A backed file under DDP: each process opens the file afresh (spawn), the ranks end with
+    the same parameters, and the file is not written."""
     import anndata as ad
 
+    monkeypatch.setenv("PYROSC_COMPILE", "0")
     path = tmp_path / "counts.h5ad"
-    simulate_counts(n_cells=60, n_genes=10).write_h5ad(path)
+    simulate_counts(n_cells=300, n_genes=12, seed=2).write_h5ad(path)
+    before = path.read_bytes()
     model = pyrosc.VAE(ad.read_h5ad(path, backed="r"), n_latent=2, n_hidden=8)
-    with pytest.raises(ValueError, match=r"counts in memory only.*to_memory"):
-        model.fit(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1)
+    with deadline(300):
+        model.fit(
+            strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, batch_size=32,
+            progress=False, callbacks=[RecordRanks(tmp_path)], seed=0,
+        )  # fmt: skip
+    ranks = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert np.isfinite(model.history["train_elbo"]).all() and len(model.history) == 2
+    assert path.read_bytes() == before
+
+
+def test_ranks_on_disk_read_consecutive_runs_of_the_block_order(tmp_path):
+    """Counts on disk: rank r takes the r-th of W consecutive runs of the epoch's minibatches
+    (together the first steps * W of the order), so the ranks' cells come from different
+    windows of blocks: only a window at the boundary between two runs is shared."""
+    path = tmp_path / "counts.h5ad"
+    simulate_counts(n_cells=600, n_genes=8, seed=3).write_h5ad(path)
+    streamed = from_anndata(pyrosc.read_backed(path))
+    streamed = dataclasses.replace(
+        streamed, options=dataclasses.replace(streamed.options, block_size=20, blocks_per_window=2)
+    )
+    order = list(streamed.sampler(16, seed=0))
+    shares = [RankMinibatches(streamed, streamed.sampler(16, seed=0), r, 2) for r in (0, 1)]
+    steps = len(order) // 2
+    assert [len(share) for share in shares] == [steps, steps]
+    read = [[batch["cell_index"].numpy() for batch in share] for share in shares]
+    np.testing.assert_array_equal(
+        np.concatenate(read[0] + read[1]), np.concatenate(order[: 2 * steps])
+    )
+    blocks = [set(streamed.reader.block_of(np.concatenate(r)).tolist()) for r in read]
+    assert len(blocks[0] & blocks[1]) <= 2 * streamed.options.blocks_per_window
+
+
+def test_counts_on_disk_cross_to_another_process_by_file_name(tmp_path):
+    """Pickled (what spawn does), a reader holds the file's name, not its open handle; the copy
+    opens the file again and reads the same counts; reopen() does it in place (fork)."""
+    path = tmp_path / "counts.h5ad"
+    simulate_counts(n_cells=50, n_genes=6, seed=4).write_h5ad(path)
+    streamed = from_anndata(pyrosc.read_backed(path))
+    index = np.array([3, 7, 41])
+    copied = pickle.loads(pickle.dumps(streamed))
+    assert copied.reader is not streamed.reader
+    for name, value in streamed.minibatch(index).items():
+        torch.testing.assert_close(copied.minibatch(index)[name], value)
+    streamed.reader.reopen()
+    torch.testing.assert_close(
+        streamed.minibatch(index)["counts"], copied.minibatch(index)["counts"]
+    )
 
 
 def test_a_module_outside_the_networks_is_refused(data):
