@@ -29,8 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+# scipy.special, not scipy.stats: importing scipy.stats takes a second, at every `import pyrosc`.
 from scipy.special import logsumexp, ndtr
-from scipy.stats import norm
 
 #: Pseudo-counts of the Dirichlet prior on the null weight (ash's ``nullweight``).
 NULL_WEIGHT = 10.0
@@ -92,8 +93,8 @@ class MixturePosterior:
         """``P(beta > delta)`` and ``P(beta < -delta)`` of each gene, ``(genes,)`` each (the
         point mass at 0 is on neither side, also for ``delta = 0``)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            up = norm.sf((delta - self.means) / self.sds)
-            down = norm.cdf((-delta - self.means) / self.sds)
+            up = ndtr((self.means - delta) / self.sds)
+            down = ndtr((-delta - self.means) / self.sds)
         spread = self.sds > 0
         up = np.where(spread, up, self.means > delta)
         down = np.where(spread, down, self.means < -delta)
@@ -177,7 +178,8 @@ def fit_prior(
 
 def _log_marginals(estimate: np.ndarray, se: np.ndarray, sds: np.ndarray) -> np.ndarray:
     """``log N(b_g; 0, sigma_k^2 + s_g^2)``, ``(genes, K)``."""
-    return norm.logpdf(estimate[:, None], 0.0, np.sqrt(sds[None, :] ** 2 + se[:, None] ** 2))
+    variance = sds[None, :] ** 2 + se[:, None] ** 2
+    return -0.5 * (np.log(2 * np.pi * variance) + estimate[:, None] ** 2 / variance)
 
 
 def _checked(estimate: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
