@@ -73,6 +73,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="cells drawn from a larger group (default: %(default)s)",
     )
+    de.add_argument(
+        "--no-shrink",
+        action="store_true",
+        help="judge each gene on its own (no prior over genes; see the README)",
+    )
+    de.add_argument(
+        "--no-sampling-noise",
+        action="store_true",
+        help="leave the counts' sampling noise out of the group means' draws",
+    )
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
@@ -108,6 +118,8 @@ def de_command(args: argparse.Namespace) -> int:
         fdr_target=args.fdr,
         n_samples=args.n_samples,
         max_cells_per_group=args.max_cells,
+        shrink=not args.no_shrink,
+        sampling_noise=not args.no_sampling_noise,
         seed=args.seed,
         **batch_option,
     )

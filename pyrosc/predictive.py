@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -434,7 +435,9 @@ def expression_draws(
         for index in cell_chunks(data, n_samples * len(codes), batch_size):
             minibatch = data.minibatch(index, device)
             given = [_intervened(minibatch, c) for c in codes]
-            traces = draws.traces(minibatch, n_samples, given, sample_counts=False)
+            # The data were checked on the way in: no distribution need check them again.
+            with pyro.validation_enabled(False):
+                traces = draws.traces(minibatch, n_samples, given, sample_counts=False)
             expression = [
                 _scaled_proportions(trace, g, library_size)
                 for trace, g in zip(traces, given, strict=True)

@@ -309,6 +309,10 @@ def test_cli_writes_the_table_and_the_volcano(types_fit, tmp_path, capsys):
     pair = ["--group1", "type0", "--group2", "type1", "--mode", "vanilla", "--fdr", "0.1"]
     assert main([*args, "--n-samples", "10", *pair]) == 0
     assert set(pd.read_csv(out / "de.csv")["group2"]) == {"type1"}
+    assert "lfc_unshrunk" in pd.read_csv(out / "de.csv")
+    flat = [*pair, "--no-shrink", "--no-sampling-noise"]
+    assert main([*args, "--n-samples", "10", *flat]) == 0
+    assert "lfc_unshrunk" not in pd.read_csv(out / "de.csv")
 
 
 @pytest.mark.parametrize(
