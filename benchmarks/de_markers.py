@@ -22,10 +22,12 @@ the 2,000 genes are listed, not ranked.
 
 The DE wall time is the one-vs-rest call alone (the model fitted, in memory), best of
 ``--repeats``, with the 1-minute load average before each; ``--time-only`` reruns just that on
-the models a previous run saved under ``--models``.
+the models a previous run saved under ``--models``, and ``--reuse-models`` reruns the whole DE
+(ranks, calls and timing) on them.
 
     python benchmarks/de_markers.py                    # both tools + scanpy, about 10 minutes
     python benchmarks/de_markers.py --time-only        # the timing again, on the saved models
+    python benchmarks/de_markers.py --reuse-models     # ranks and timing, on the saved models
 """
 
 from __future__ import annotations
@@ -216,13 +218,14 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "de_markers")
     parser.add_argument("--time-only", action="store_true", help="time DE on saved models")
+    parser.add_argument("--reuse-models", action="store_true", help="all of DE on saved models")
     parser.add_argument("--out", type=Path, default=HERE / "results_de_markers.md")
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     epochs = max(1, round(args.epochs * args.epoch_scale))
     if args.child:
         tool, out = args.child
-        fit = not args.time_only
+        fit = not (args.time_only or args.reuse_models)
         child(tool, Path(out), args.data_dir, args.models, epochs, fit, args.repeats, args.threads)
         return
 
@@ -236,6 +239,7 @@ def main() -> None:
             command += ["--epoch-scale", str(args.epoch_scale), "--repeats", str(args.repeats)]
             command += ["--threads", str(args.threads), "--data-dir", str(args.data_dir)]
             command += ["--models", str(args.models)] + (["--time-only"] if args.time_only else [])
+            command += ["--reuse-models"] if args.reuse_models else []
             if run_python(command, log).returncode != 0:
                 sys.exit(f"{tool} failed:\n{log.read_text()[-3000:]}")
             results.append(json.loads(out.read_text()))
