@@ -320,7 +320,8 @@ def lfc_summary(
     # a floor far below any real one keeps its likelihood finite (it is not called anyway).
     estimate, se = lfc.mean(axis=0), np.maximum(lfc.std(axis=0), 1e-6)
     posterior = fit_prior(estimate[shrink_over], se[shrink_over]).posterior(estimate, se)
-    up, down = posterior.beyond(delta)
+    # (a mixture's weights sum to 1 only to rounding: no probability a hair above 1)
+    up, down = (np.clip(side, 0.0, 1.0) for side in posterior.beyond(delta))
     return {
         "lfc_mean": posterior.mean(),
         "lfc_median": posterior.quantile(0.5),
