@@ -38,7 +38,6 @@ PLOTTING = re.compile(r"plt\.subplots|plt\.figure|sc\.pl\.|\.plot\(|plot_de\(")
 NOT_YET_RUN = {
     "01_vae_for_counts.ipynb",
     "02_posterior_collapse.ipynb",
-    "03_discrete_latents_enumeration.ipynb",
     "04_batches_and_counterfactuals.ipynb",
     "05_write_your_own_model.ipynb",
 }
