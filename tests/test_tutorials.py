@@ -36,7 +36,6 @@ PLOTTING = re.compile(r"plt\.subplots|plt\.figure|sc\.pl\.|\.plot\(|plot_de\(")
 #: below is expected to fail for them, and fails outright once one is run (strict), so that the
 #: name is taken off this list with the notebook's outputs.
 NOT_YET_RUN = {
-    "01_vae_for_counts.ipynb",
     "04_batches_and_counterfactuals.ipynb",
 }
 #: Seconds one notebook may take before it fails (they take well under a minute each).
