@@ -137,7 +137,23 @@ def _volcano(ax, rows: pd.DataFrame, y: str, call: str, n_labels: int, delta: fl
         for x in (-delta, delta):
             ax.axvline(x, color="black", linestyle="--", linewidth=0.7)
     named = rows[called].assign(size=lambda r: r["lfc_mean"].abs()).nlargest(n_labels, "size")
-    for gene, x, height in zip(named["gene"], named["lfc_mean"], named[y], strict=True):
-        ax.annotate(gene, (x, height), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    # Called genes often share the top of the plot (P(DE) = 1): each side's names are stacked
+    # one line apart, inwards from their points (the largest LFCs sit at the plot's edges), each
+    # tied to its point by a thin line.
+    for up in (True, False):
+        side = named[(named["lfc_mean"] > 0) == up]
+        for line, (gene, x, height) in enumerate(
+            zip(side["gene"], side["lfc_mean"], side[y], strict=True)
+        ):
+            ax.annotate(
+                gene,
+                (x, height),
+                xytext=(-6 if up else 6, -4 - 9 * line),
+                textcoords="offset points",
+                ha="right" if up else "left",
+                va="top",
+                fontsize=7,
+                arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "0.4"},
+            )
     ax.set_xlabel("LFC, posterior mean (log2)")
     ax.set_ylabel("P(DE)" if y == "proba_de" else "log Bayes factor")
