@@ -68,14 +68,13 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from pyrosc.data import CountData, MinibatchSampler
 from pyrosc.freezing import Frozen, FrozenFit
+from pyrosc.objective import Objective, read_objective
 from pyrosc.traces import bind_data, eval_mode
 from pyrosc.train import (
-    Objective,
     TrainResult,
     check_options,
     fit_split,
     free_parameter_names,
-    read_objective,
     resolve_device,
     resolve_epochs,
 )

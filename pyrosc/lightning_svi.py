@@ -40,17 +40,10 @@ from tqdm.auto import tqdm
 from pyrosc.data import CountData, MinibatchSampler
 from pyrosc.evaluate import elbo
 from pyrosc.freezing import Frozen, FrozenFit
+from pyrosc.objective import Objective, ScaleLatents, warmup_weight
 from pyrosc.streaming import StreamedCountData
 from pyrosc.traces import bind_data
-from pyrosc.train import (
-    EarlyStopping,
-    Objective,
-    ScaleLatents,
-    adam,
-    check_finite,
-    free_parameter_names,
-    warmup_weight,
-)
+from pyrosc.train import EarlyStopping, adam, check_finite, free_parameter_names
 
 #: Lightning's loggers; at INFO they print the devices, the ranks joining and hints on every fit.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
@@ -169,7 +162,7 @@ class SVIModule(pl.LightningModule):
         trained: names in ``networks.named_parameters()`` of the weights to train (those the
             pair registered in the parameter store on its first trace).
         free: name -> (unconstrained value, constraint) of each free Pyro parameter.
-        objective: the loss (:func:`pyrosc.train.read_objective`).
+        objective: the loss (:func:`pyrosc.objective.read_objective`).
         settings: the fit's options.
     """
 

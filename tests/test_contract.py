@@ -21,8 +21,9 @@ from pyrosc.data import CountData, from_anndata
 from pyrosc.guides import gmvae_marginal_guide, gmvae_scvae_guide, vae_guide
 from pyrosc.models import gmvae_model, vae_model
 from pyrosc.nets import Classifier, CountDecoder, GaussianEncoder
+from pyrosc.objective import ScaleLatents, annealed_sites
 from pyrosc.plates import cells_plate
-from pyrosc.train import ScaleLatents, annealed_sites, train
+from pyrosc.train import train
 
 # ------------------------------------------------------------------ real cell indices
 

@@ -26,8 +26,8 @@ from pyrosc.guides import scanvi_guide
 from pyrosc.models import scanvi_model
 from pyrosc.models.scvi import LibraryPrior
 from pyrosc.nets import Classifier, GaussianEncoder, ScviDecoder
+from pyrosc.objective import annealed_sites
 from pyrosc.traces import bind_data, vectorize
-from pyrosc.train import annealed_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny networks: one thread is faster
 

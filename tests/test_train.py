@@ -18,8 +18,9 @@ from pyrosc.freezing import Frozen
 from pyrosc.guides import vae_guide
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
+from pyrosc.objective import ScaleLatents, free_bits_loss
 from pyrosc.traces import bind_data
-from pyrosc.train import ScaleLatents, default_epochs, free_bits_loss, resolve_device, train
+from pyrosc.train import default_epochs, resolve_device, train
 
 
 def snapshot(model: VAE) -> dict[str, torch.Tensor]:
