@@ -98,20 +98,37 @@ def machine() -> dict:
     }
 
 
-def train_scvi_tools(adata, architecture: dict, epochs: int, seed: int, likelihood: str = "nb"):
-    """scvi-tools' SCVI on ``adata`` (a copy is set up) at the settings the DE benchmarks match:
-    gene dispersion, dropout 0.1, minibatch 128, every cell training, no early stopping, on the
-    CPU. Returns the model, the AnnData it holds and the fit's wall seconds."""
+#: scvi-tools' ``train`` settings the benchmarks match: minibatch 128, every cell training, no
+#: early stopping, on the CPU, no progress bar.
+SCVI_TOOLS_TRAINER = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "train_size": 1.0,
+    "batch_size": 128,
+    "early_stopping": False,
+    "enable_progress_bar": False,
+}
+
+
+def scvi_tools_model(
+    adata, architecture: dict, seed: int, likelihood: str = "nb", batch_key: str | None = None
+):
+    """scvi-tools' SCVI set up on ``adata`` itself (no copy): gene dispersion, dropout 0.1."""
     import scvi
 
     scvi.settings.seed = seed
-    adata = adata.copy()
-    scvi.model.SCVI.setup_anndata(adata)
-    model = scvi.model.SCVI(
+    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
+    return scvi.model.SCVI(
         adata, gene_likelihood=likelihood, dispersion="gene", dropout_rate=0.1, **architecture
     )
-    trainer = {"accelerator": "cpu", "devices": 1, "train_size": 1.0, "batch_size": 128}
-    trainer |= {"early_stopping": False, "enable_progress_bar": False}
+
+
+def train_scvi_tools(adata, architecture: dict, epochs: int, seed: int, likelihood: str = "nb"):
+    """scvi-tools' SCVI on a copy of ``adata`` (:func:`scvi_tools_model`), trained with
+    :data:`SCVI_TOOLS_TRAINER` for ``epochs``. Returns the model, the AnnData it holds and the
+    fit's wall seconds."""
+    adata = adata.copy()
+    model = scvi_tools_model(adata, architecture, seed, likelihood)
     started = time.perf_counter()
-    model.train(max_epochs=epochs, **trainer)
+    model.train(max_epochs=epochs, **SCVI_TOOLS_TRAINER)
     return model, adata, time.perf_counter() - started

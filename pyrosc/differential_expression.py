@@ -109,11 +109,10 @@ class GroupDraws:
             genes)``; ``totals``: of their weights, ``(n_samples, n_groups)``: the group's
             mean at draw ``s`` is ``sums[s, k] / totals[s, k]``, a union of groups sums both.
         noise: the summed variance of the cells' normalised counts ``x / l`` around their
-            proportions, each cell counted as often as it stands for, ``(n_samples, n_groups,
-            genes)`` or ``(1, n_groups, genes)`` for every draw alike (None without the counts'
-            sampling noise); ``sizes``: the cells each
-            group stands for, ``(n_groups,)``. The observed group mean of ``x / l`` departs
-            from the mean of the proportions by about ``N(0, noise / sizes**2)``.
+            proportions, each cell counted as often as it stands for, ``(n_groups, genes)``,
+            the same at every draw (None without the counts' sampling noise); ``sizes``: the
+            cells each group stands for, ``(n_groups,)``. The observed group mean of ``x / l``
+            departs from the mean of the proportions by about ``N(0, noise / sizes**2)``.
     """
 
     sums: Tensor
@@ -130,7 +129,7 @@ class GroupDraws:
         mean = mean.numpy()
         if normals is None or self.noise is None:
             return mean
-        sd = np.sqrt(self.noise[:, side].sum(dim=1).numpy()) / float(self.sizes[side].sum())
+        sd = np.sqrt(self.noise[side].sum(dim=0).numpy()) / float(self.sizes[side].sum())
         return np.maximum(mean + sd * normals, 0.0)
 
 
@@ -164,7 +163,7 @@ def group_draws(
         sampling_noise: also sum the counts' variance.
 
     Returns:
-        float64 tensors on the CPU (``noise`` ``(1, n_groups, genes)``, the same at every draw).
+        float64 tensors on the CPU.
     """
     sums = torch.zeros(n_samples, n_groups, data.n_genes, dtype=torch.float64)
     totals = torch.zeros(n_samples, n_groups, dtype=torch.float64)
@@ -182,7 +181,7 @@ def group_draws(
         totals += weights.sum(dim=1)
     noise = None
     if sampling_noise:
-        noise = torch.zeros(1, n_groups, data.n_genes, dtype=torch.float64)
+        noise = torch.zeros(n_groups, data.n_genes, dtype=torch.float64)
         draws = expression_draws(
             model, guide, data, covariates, 1.0, NOISE_DRAWS, count_variance=True, **options
         )
@@ -250,10 +249,12 @@ def compare(
     """One row per gene: the LFC posterior of ``comparison``, its call and the raw summaries,
     from the draws of :func:`group_draws`; ``rng`` draws the counts' sampling noise."""
     # The noise is drawn for the sides in a fixed order, so that B against A mirrors A against B.
-    sides = sorted((comparison.side1, comparison.side2))
-    normals = {side: rng.standard_normal(draws.sums[:, 0].shape) for side in sides}
+    normals = {}
+    if draws.noise is not None:
+        for side in sorted((comparison.side1, comparison.side2)):
+            normals[side] = rng.standard_normal(draws.sums[:, 0].shape)
     expression1, expression2 = (
-        draws.side_means(side, normals[side]) * CP10K
+        draws.side_means(side, normals.get(side)) * CP10K
         for side in (comparison.side1, comparison.side2)
     )
     median_library = counts.median_library(comparison.side1 + comparison.side2)
@@ -318,7 +319,8 @@ def lfc_summary(
         }
     # A gene whose draws are all equal (zero in both groups at every draw) has no spread:
     # a floor far below any real one keeps its likelihood finite (it is not called anyway).
-    estimate, se = lfc.mean(axis=0), np.maximum(lfc.std(axis=0), 1e-6)
+    estimate, spread = lfc.mean(axis=0), lfc.std(axis=0)
+    se = np.maximum(spread, 1e-6)
     posterior = fit_prior(estimate[shrink_over], se[shrink_over]).posterior(estimate, se)
     # (a mixture's weights sum to 1 only to rounding: no probability a hair above 1)
     up, down = (np.clip(side, 0.0, 1.0) for side in posterior.beyond(delta))
@@ -329,7 +331,7 @@ def lfc_summary(
         "lfc_ci95_low": posterior.quantile(0.025),
         "lfc_ci95_high": posterior.quantile(0.975),
         "lfc_unshrunk": estimate,
-        "lfc_unshrunk_std": lfc.std(axis=0),
+        "lfc_unshrunk_std": spread,
         "proba_up": up,
         "proba_down": down,
     }

@@ -401,7 +401,7 @@ def test_the_noise_of_a_group_mean_is_its_cells_variance_over_its_size_squared()
     N/n each) has mean-noise sd sqrt(sum of variances) / N, N counted once per cell."""
     sums = torch.tensor([[[2.0, 4.0], [6.0, 8.0]]], dtype=torch.float64)  # (1, 2 groups, 2)
     totals = torch.tensor([[4.0, 8.0]], dtype=torch.float64)
-    noise = torch.tensor([[[1.0, 4.0], [9.0, 16.0]]], dtype=torch.float64)
+    noise = torch.tensor([[1.0, 4.0], [9.0, 16.0]], dtype=torch.float64)  # (2 groups, 2)
     draws = de.GroupDraws(sums, totals, noise, torch.tensor([10.0, 20.0], dtype=torch.float64))
     normals = np.array([[1.0, -1.0]])
     np.testing.assert_allclose(draws.side_means((0,)), [[0.5, 1.0]])

@@ -76,10 +76,11 @@ class DifferentialExpression:
                 groups' expression before the log ratio.
             min_detection: genes detected in less than this share of the cells of both
                 groups are never called.
-            sampling_noise: each draw of a cell's expression is a replicate of its counts
-                drawn from the model (divided by its library), not rho itself: the counts'
-                sampling noise is part of the LFC's posterior. False: rho (narrower
-                intervals that miss it; see the module's docstring).
+            sampling_noise: each group's mean expression at a draw also gets the sampling
+                noise of the counts behind it (a normal draw with the variance the model's
+                likelihood gives ``x / l``, summed over the group's cells), which the
+                amortised posterior of rho leaves out. False: rho alone (narrower intervals
+                that miss it; see :mod:`pyrosc.differential_expression`).
             shrink: adaptive shrinkage (:mod:`pyrosc.de_shrinkage`): the LFC's prior is
                 learnt from all genes of the comparison, most of which do not change, so a
                 gene a few standard errors from 0 is not called on its own say-so. False:
