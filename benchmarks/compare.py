@@ -5,17 +5,21 @@ peak memory is its own and no state leaks between fits) on the "train" cells of
 ../shared/data/hvg2000/<dataset>.h5ad, every cell training. Matched settings: scVI with an
 observed library, gene dispersion, 128 hidden units / 10 latent dimensions / 1 layer, dropout
 0.1, BatchNorm, minibatch 128, Adam lr 1e-3 (eps 0.01, weight decay 1e-6 in both), 400 epochs,
-no early stopping, ``--threads`` torch threads. Each tool keeps its own KL warm-up default:
-none in pyrosc, 400 epochs in scvi-tools. Per fit it records
+no early stopping, ``--threads`` torch threads, each number of epochs of ``--epochs`` (40 and
+400 by default: a short fit, where start-up counts, beside a long one). Each tool keeps its own
+KL warm-up default: none in pyrosc, 400 epochs in scvi-tools. Per fit it records
 
 - training wall time around the fit call alone, and training cells per second
   (cells trained per epoch x epochs / seconds);
+- the time from the fit call to the end of its first optimiser step (both tools step a
+  ``torch.optim`` optimiser; a global post-step hook reads the clock);
 - peak memory: the process's maximum resident set size (``ru_maxrss``) when the fit returns
   (imports, data and model included), and its resident size just before the fit;
 - the mean held-out importance-sampled log-likelihood of the "test" cells with K samples,
   the same K for both tools (pyrosc ``log_likelihood``, scvi-tools ``get_marginal_ll``);
 - on multi-batch datasets, scib-metrics' bio-conservation and batch-correction aggregates
-  (Benchmarker defaults, ``min_max_scale=False``) of the latent of all labelled cells;
+  (Benchmarker defaults, ``min_max_scale=False``) of the latent of all labelled cells, for the
+  longest fits only;
 - the achieved matrix-multiply GFLOP/s of training (benchmarks/flops.py) and its fraction of
   the machine's measured dense float32 matmul throughput.
 
@@ -25,6 +29,7 @@ settings, machine, matmul probe), then one "fit" line per fit, written as each f
 
     python benchmarks/compare.py                    # the full benchmark (about an hour)
     python benchmarks/compare.py --epochs 2 --n-samples 10 --out /tmp/results_smoke.md
+    python benchmarks/compare.py --epochs 40 --datasets pbmc3k --likelihoods nb
     python benchmarks/compare.py --pyrosc-batch-size 512   # adds a "pyrosc (batch 512)" row
 
 A configuration is a named :class:`Config`; ``--pyrosc-batch-size`` adds pyrosc
@@ -106,6 +111,7 @@ def _fit_pyrosc(spec: dict, train, test, adata) -> dict:
         model.latent(adata)
         latent_key = "X_pyrosc"
     return {
+        "fit_started": started,
         "train_seconds": seconds,
         "cells_per_epoch": cells_per_epoch,
         "rss_before_fit_mib": rss_before,
@@ -173,6 +179,7 @@ def _fit_scvi_tools(spec: dict, train, test, adata) -> dict:
         adata.obsm["X_scVI"] = model.get_latent_representation(adata)
         latent_key = "X_scVI"
     return {
+        "fit_started": started,
         "train_seconds": seconds,
         "cells_per_epoch": train.n_obs - int(drop_last),
         "rss_before_fit_mib": rss_before,
@@ -194,9 +201,18 @@ def run_fit(spec: dict) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(spec["threads"])
     adata, train, test = load_view(Path(spec["data_dir"]), spec["dataset"])
-    spec = {**spec, "scib": adata.obs["batch"].nunique() > 1}
+    spec = {**spec, "scib": adata.obs["batch"].nunique() > 1 and spec["scib"]}
     fit = _fit_pyrosc if spec["tool"] == "pyrosc" else _fit_scvi_tools
+    steps: list[float] = []  # when each optimiser step ended; the first is the one read
+
+    def first_step(optimizer, args, kwargs) -> None:
+        if not steps:
+            steps.append(time.perf_counter())
+
+    hook = torch.optim.optimizer.register_optimizer_step_post_hook(first_step)
     result = fit(spec, train, test, adata)
+    hook.remove()
+    result["first_step_seconds"] = steps[0] - result.pop("fit_started")
     threads_after_fit = torch.get_num_threads()
     scib = {}
     if spec["scib"]:
@@ -232,7 +248,8 @@ def _child(spec_json: str, out: Path) -> None:
 
 def run_in_child(spec: dict, work: Path) -> dict:
     """:func:`run_fit` in a fresh process; on failure, a row with the error and the log's tail."""
-    name = f"{spec['dataset']}_{spec['likelihood']}_{spec['label']}".replace(" ", "_")
+    name = f"{spec['dataset']}_{spec['likelihood']}_{spec['epochs']}_{spec['label']}"
+    name = name.replace(" ", "_")
     out, log = work / f"{name}.json", work / f"{name}.log"
     done = run_python([str(HERE / "compare.py"), "--child", json.dumps(spec), str(out)], log)
     if done.returncode == 0 and out.exists():
@@ -281,26 +298,31 @@ def markdown(rows: list[dict], probe: dict, info: dict, settings: dict, command:
         f"Command: `{command}`",
         "",
         f"Settings: scVI, observed library, gene dispersion, 128/10/1, dropout 0.1, BatchNorm, "
-        f"Adam lr {settings['lr']} (eps 0.01, weight decay 1e-6), {settings['epochs']} epochs, "
+        f"Adam lr {settings['lr']} (eps 0.01, weight decay 1e-6), "
+        f"{' and '.join(map(str, settings['epochs']))} epochs, "
         f'minibatch 128 unless the row says otherwise, every "train" cell training (pyrosc '
         f"`validation_fraction=0`, scvi-tools `train_size=1.0`), no early stopping, seed "
         f"{settings['seed']}. KL warm-up: each tool's default (pyrosc none, scvi-tools 400 "
         f'epochs). Held-out LL: mean importance-sampled log p(x) of the "test" cells, '
-        f"K = {settings['n_samples']} for both tools. Each fit runs in its own process.",
+        f"K = {settings['n_samples']} for both tools. Each fit runs in its own process. First "
+        "step s: from the fit call to the end of its first optimiser step (start-up).",
         "",
-        "| dataset | likelihood | tool | train cells/s | train wall s | peak RSS MiB "
-        "| RSS before fit MiB | held-out LL | bio cons. | batch corr. | GFLOP/s (% of matmul) "
-        "| total s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | likelihood | epochs | tool | train cells/s | train wall s | first step s "
+        "| peak RSS MiB | RSS before fit MiB | held-out LL | bio cons. | batch corr. "
+        "| GFLOP/s (% of matmul) | total s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        head = f"| {row['dataset']} | {row['likelihood'].upper()} | {row['label']} "
+        head = (
+            f"| {row['dataset']} | {row['likelihood'].upper()} | {row['epochs']} | {row['label']} "
+        )
         if "error" in row:
-            lines.append(head + "| failed: see the .jsonl | | | | | | | | |")
+            lines.append(head + "| failed: see the .jsonl | | | | | | | | | |")
             continue
         achieved = flops_per_cell(row) * row["cells_per_second"] / 1e9
         lines.append(
             head + f"| {_fmt(row['cells_per_second'])} | {_fmt(row['train_seconds'], 1)} "
+            f"| {_fmt(row['first_step_seconds'], 2)} "
             f"| {_fmt(row['peak_rss_fit_mib'])} | {_fmt(row['rss_before_fit_mib'])} "
             f"| {_fmt(row['heldout_log_likelihood'], 1)} "
             f"| {_fmt(row.get('bio_conservation'), 3)} | {_fmt(row.get('batch_correction'), 3)} "
@@ -313,7 +335,7 @@ def markdown(rows: list[dict], probe: dict, info: dict, settings: dict, command:
 def comparison(rows: list[dict]) -> list[str]:
     """pyrosc configurations against scvi-tools, per dataset and likelihood."""
     reference = {
-        (r["dataset"], r["likelihood"]): r
+        (r["dataset"], r["likelihood"], r["epochs"]): r
         for r in rows
         if r["tool"] == "scvi-tools" and "error" not in r
     }
@@ -321,17 +343,18 @@ def comparison(rows: list[dict]) -> list[str]:
         "pyrosc against scvi-tools (speed and memory ratios; LL difference in nats per cell, "
         "positive when pyrosc is better):",
         "",
-        "| dataset | likelihood | pyrosc configuration | speed ratio | peak RSS ratio "
-        "| LL difference |",
-        "|---|---|---|---:|---:|---:|",
+        "| dataset | likelihood | epochs | pyrosc configuration | speed ratio | first step ratio "
+        "| peak RSS ratio | LL difference |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        scvi = reference.get((row["dataset"], row["likelihood"]))
+        scvi = reference.get((row["dataset"], row["likelihood"], row["epochs"]))
         if row["tool"] != "pyrosc" or "error" in row or scvi is None:
             continue
         lines.append(
-            f"| {row['dataset']} | {row['likelihood'].upper()} | {row['label']} "
+            f"| {row['dataset']} | {row['likelihood'].upper()} | {row['epochs']} | {row['label']} "
             f"| {row['cells_per_second'] / scvi['cells_per_second']:.2f} "
+            f"| {row['first_step_seconds'] / scvi['first_step_seconds']:.2f} "
             f"| {row['peak_rss_fit_mib'] / scvi['peak_rss_fit_mib']:.2f} "
             f"| {row['heldout_log_likelihood'] - scvi['heldout_log_likelihood']:+.1f} |"
         )
@@ -379,7 +402,7 @@ def main() -> None:
         default=[],
         help='extra pyrosc rows at these minibatch sizes, labelled "pyrosc (batch B)"',
     )
-    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[40, 400])
     parser.add_argument("--n-samples", type=int, default=200, help="K, for both tools")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -406,27 +429,35 @@ def main() -> None:
         print(f"matmul probe: {json.dumps(probe)}", flush=True)
         meta = {"kind": "meta", "command": command, "settings": settings, "machine": info}
         jsonl.write_text(json.dumps({**meta, "probe": probe}) + "\n")
-        for dataset in args.datasets:
-            for likelihood in args.likelihoods:
-                # The tools alternate per dataset and likelihood, so drift in the machine's
-                # load touches both alike.
-                for config in run_configs:
-                    spec = {
-                        **asdict(config),
-                        **settings,
-                        "dataset": dataset,
-                        "likelihood": likelihood,
-                        "data_dir": str(args.data_dir.resolve()),
-                    }
-                    row = run_in_child(spec, work)
-                    rows.append(row)
-                    with jsonl.open("a") as handle:  # each fit is kept as soon as it ends
-                        handle.write(json.dumps({"kind": "fit", **row}) + "\n")
-                    summary = row.get("error", "")[-500:] or (
-                        f"{row['cells_per_second']:.0f} cells/s, "
-                        f"LL {row['heldout_log_likelihood']:.1f}"
-                    )
-                    print(f"{dataset} {likelihood} {config.label}: {summary}", flush=True)
+        fits = [
+            (dataset, likelihood, epochs, config)
+            for dataset in args.datasets
+            for likelihood in args.likelihoods
+            for epochs in args.epochs
+            # The tools alternate per dataset, likelihood and length, so drift in the
+            # machine's load touches both alike.
+            for config in run_configs
+        ]
+        for dataset, likelihood, epochs, config in fits:
+            spec = {
+                **asdict(config),
+                **settings,
+                "epochs": epochs,
+                "scib": epochs == max(args.epochs),
+                "dataset": dataset,
+                "likelihood": likelihood,
+                "data_dir": str(args.data_dir.resolve()),
+            }
+            row = run_in_child(spec, work)
+            rows.append(row)
+            with jsonl.open("a") as handle:  # each fit is kept as soon as it ends
+                handle.write(json.dumps({"kind": "fit", **row}) + "\n")
+            summary = row.get("error", "")[-500:] or (
+                f"{row['cells_per_second']:.0f} cells/s, "
+                f"first step {row['first_step_seconds']:.2f} s, "
+                f"LL {row['heldout_log_likelihood']:.1f}"
+            )
+            print(f"{dataset} {likelihood} {epochs} {config.label}: {summary}", flush=True)
     args.out.write_text(markdown(rows, probe, info, settings, command))
     print(f"wrote {args.out} and {jsonl}")
     if any("error" in row for row in rows):

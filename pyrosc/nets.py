@@ -70,7 +70,15 @@ def one_hot_covariates(covariates: Tensor | None, sizes: Sequence[int]) -> list[
     if covariates is None or covariates.shape[-1] != len(sizes):
         found = None if covariates is None else covariates.shape[-1]
         raise ValueError(f"expected codes of {len(sizes)} covariates, got {found}")
-    return [F.one_hot(covariates[..., i], size).float() for i, size in enumerate(sizes)]
+    return [_one_hot(covariates[..., i], size) for i, size in enumerate(sizes)]
+
+
+def _one_hot(codes: Tensor, size: int) -> Tensor:
+    """``F.one_hot(codes, size).float()`` without its check of the codes' range, which reads
+    their minimum and maximum to the host (three times a step per network); a code outside
+    ``[0, size)`` still raises, from ``scatter_``."""
+    one_hot = codes.new_zeros((*codes.shape, size), dtype=torch.float32)
+    return one_hot.scatter_(-1, codes.unsqueeze(-1), 1.0)
 
 
 @dataclass(frozen=True)

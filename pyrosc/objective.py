@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
@@ -71,6 +72,27 @@ def _latent_sites(trace: poutine.Trace) -> list[dict]:
     ]
 
 
+def _traces(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple:
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
+
+
+def reparameterized_loss(model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
+    """The negative ELBO of one draw, ``log q(z) - log p(x, z)`` summed over every sample site
+    (scale and mask applied), for a guide that draws each latent by reparameterisation.
+
+    For such a pair it is ``Trace_ELBO().differentiable_loss``, value and gradient, on the
+    same draws: the guide's score-function terms vanish, and what is left of Pyro's
+    bookkeeping (copying the traces to prune subsample sites, the score parts, a host read of
+    every site's sum, the checks) costs ~1 ms of a ~13 ms step and changes no number. The
+    trainer takes Pyro's own loss for any step run with Pyro's validation on (its checks are
+    the point there), and this one after.
+    """
+    guide_trace, model_trace = _traces(model, guide, args, kwargs)
+    return guide_trace.log_prob_sum() - model_trace.log_prob_sum()
+
+
 def free_bits_loss(free_bits: float) -> Callable:
     """A loss for :class:`pyro.infer.SVI`: the negative ELBO with free bits (Kingma et al. 2016).
 
@@ -85,10 +107,7 @@ def free_bits_loss(free_bits: float) -> Callable:
     """
 
     def loss(model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        guide_trace, model_trace = _traces(model, guide, args, kwargs)
         elbo_value = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
         for guide_site in _latent_sites(guide_trace):
             if not guide_site["fn"].has_rsample:
@@ -119,11 +138,14 @@ class Objective:
         enumeration_nesting: for a pair with sites marked for parallel enumeration, the
             plates they nest at most (the loss is then ``TraceEnum_ELBO``); None otherwise.
         free_bits: nats per latent dimension exempt from the KL penalty (0: off).
+        reparameterized: every latent site of the guide is drawn by reparameterisation (then
+            the plain ELBO is :func:`reparameterized_loss` once Pyro's validation is off).
     """
 
     annealed: frozenset[str]
     enumeration_nesting: int | None = None
     free_bits: float = 0.0
+    reparameterized: bool = False
 
     @property
     def name(self) -> str:
@@ -144,9 +166,21 @@ class Objective:
             loss_fn = TraceEnum_ELBO(max_plate_nesting=self.enumeration_nesting).differentiable_loss
         elif self.free_bits > 0:
             loss_fn = free_bits_loss(self.free_bits)
+        elif self.reparameterized:
+            loss_fn = _checked_or_lean(Trace_ELBO().differentiable_loss, reparameterized_loss)
         else:
             loss_fn = Trace_ELBO().differentiable_loss
         return quiet_about_frozen(loss_fn) if frozen else loss_fn
+
+
+def _checked_or_lean(checked: Callable, lean: Callable) -> Callable[..., Tensor]:
+    """``checked`` while Pyro's validation is on (a first step, or every step on request),
+    ``lean`` otherwise: the same loss without the checks."""
+
+    def loss(model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
+        return (checked if is_validation_enabled() else lean)(model, guide, *args, **kwargs)
+
+    return loss
 
 
 def read_objective(
@@ -174,7 +208,8 @@ def read_objective(
             'pyro.sample(name, prior, infer={"kl_warmup": True})'
         )
     nesting = plate_nesting(guide_trace, model_trace) if enumerated else None
-    return Objective(annealed, nesting, free_bits)
+    reparameterized = all(site["fn"].has_rsample for site in _latent_sites(guide_trace))
+    return Objective(annealed, nesting, free_bits, reparameterized)
 
 
 def warmup_weight(epoch: int, kl_warmup_epochs: int) -> float:

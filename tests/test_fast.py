@@ -226,3 +226,22 @@ def test_the_speed_path_steps_aside_off_the_cpu_and_for_counts_needing_a_gradien
     with pyro_validation(False):  # (validation reads values, which meta tensors do not have)
         log_prob = count_distribution("zinb", *meta[:2], meta[3]).log_prob(meta[2])
     assert log_prob.shape == (8, 5)
+
+
+def test_a_short_fit_compiles_nothing_new_and_uses_what_is_compiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def add_one(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x + 1,)
+
+    monkeypatch.setattr(compiled, "_COMPILED", set())
+    x = torch.arange(6.0).reshape(3, 2)
+    with compiled.planned_steps(compiled.COMPILE_MIN_STEPS - 1):
+        assert compiled.run("test add one", add_one, x) is None  # not worth compiling
+    with compiled.planned_steps(compiled.COMPILE_MIN_STEPS):
+        (result,) = compiled.run("test add one", add_one, x)
+    torch.testing.assert_close(result, x + 1)
+    with compiled.planned_steps(1):  # compiled already: a short fit uses it, any row count
+        (result,) = compiled.run("test add one", add_one, torch.zeros(5, 2))
+    torch.testing.assert_close(result, torch.ones(5, 2))
+    assert not compiled._SHORT_FIT[0]  # the setting ends with the fit

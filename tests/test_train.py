@@ -18,7 +18,7 @@ from pyrosc.freezing import Frozen
 from pyrosc.guides import vae_guide
 from pyrosc.models import vae_model
 from pyrosc.nets import CountDecoder, GaussianEncoder
-from pyrosc.objective import ScaleLatents, free_bits_loss
+from pyrosc.objective import ScaleLatents, free_bits_loss, read_objective, reparameterized_loss
 from pyrosc.traces import bind_data
 from pyrosc.train import default_epochs, resolve_device, train
 
@@ -246,3 +246,48 @@ def test_max_epochs_none_says_how_many_and_why(toy_adata, monkeypatch):
     assert (asked.max_epochs, asked.max_epochs_reason) == (1, "1 epoch as asked (max_epochs=1)")
     with pytest.raises(ValueError, match="max_epochs must be a whole number or None, got 2.5"):
         VAE(toy_adata, n_latent=2, n_hidden=8).fit(max_epochs=2.5, progress=False)
+
+
+def test_the_lean_loss_is_trace_elbo_value_and_gradient(toy_adata):
+    """reparameterized_loss against Pyro's Trace_ELBO on the same draws: the scVI pair with a
+    latent library (two latent sites), minibatch scaling on, dropout on."""
+    from pyrosc import SCVI
+
+    scvi = SCVI(toy_adata, likelihood="zinb", library="latent").fit(max_epochs=1, progress=False)
+    kwargs = scvi.data.minibatch(np.arange(16)) | {"n_cells": 500}
+    with scvi._scope() as (model, guide, networks):
+        networks.train()
+        model, guide = bind_data(model), bind_data(guide)
+        losses, grads = [], []
+        for loss_fn in (Trace_ELBO().differentiable_loss, reparameterized_loss):
+            pyro.set_rng_seed(3)
+            networks.zero_grad()
+            loss = loss_fn(model, guide, **kwargs)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in networks.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for lean, pyro_grad in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(lean, pyro_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_lean_loss_only_for_fully_reparameterized_guides(toy_adata):
+    import pyro.distributions as dist
+
+    from pyrosc.plates import cells_plate
+
+    model, guide, _, kwargs = _loss_pair(toy_adata)
+    objective = read_objective(model, guide, kwargs, free_bits=0.0, kl_warmup_epochs=0)
+    assert objective.reparameterized and objective.name == "Trace_ELBO"
+
+    def discrete_model(counts, cell_index):
+        with cells_plate(cell_index, None):
+            pyro.sample("on", dist.Bernoulli(0.3))
+
+    def discrete_guide(counts, cell_index):
+        with cells_plate(cell_index, None):
+            pyro.sample("on", dist.Bernoulli(0.6))
+
+    sampled = read_objective(discrete_model, discrete_guide, kwargs, 0.0, 0)
+    assert not sampled.reparameterized  # its score-function terms need Trace_ELBO

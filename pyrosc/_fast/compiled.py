@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -139,6 +140,24 @@ def _zero_inflated_negative_binomial(
 
 _KERNELS: dict[str, Callable] = {}
 _FAILED: list[str] = []
+_COMPILED: set[str] = set()  # the kernels this process has compiled (or loaded from the cache)
+_SHORT_FIT: list[bool] = [False]
+
+#: Fewer planned training steps than this run the eager code, unless the kernel is compiled in
+#: this process already. Compiling costs a process ~2-3 s when PyTorch's cache holds the code
+#: (importing inductor, tracing each kernel once) and ~15-20 s when it does not; the compiled
+#: NB step is ~5 ms faster than the eager one on a (128, 2000) minibatch (2 CPU cores), so it
+#: pays from ~500 steps with a warm cache.
+COMPILE_MIN_STEPS = 500
+
+#: Inductor settings of the kernels. Without them every process pays ~1.5 s before its first
+#: step even when the compiled code is cached: inductor re-checks each vector instruction set
+#: that the CPU reports by building a test library and loading it in a fresh Python (six
+#: subprocesses), and preprocesses its C++ header to checksum it. The CPU's own report is
+#: trusted instead (a compiler that cannot build for it fails the compilation, and pyrosc then
+#: warns and runs the eager code); the kernels, one short C++ loop each, need no precompiled
+#: header.
+INDUCTOR_OPTIONS = {"cpp.vec_isa_ok": True, "cpp_cache_precompile_headers": False}
 
 
 def enabled() -> bool:
@@ -146,19 +165,43 @@ def enabled() -> bool:
     return os.environ.get("PYROSC_COMPILE", "1") != "0" and not _FAILED
 
 
+@contextmanager
+def planned_steps(steps: int) -> Iterator[None]:
+    """Within: a fit of ``steps`` training steps, which compiles no kernel it does not already
+    have when ``steps`` < :data:`COMPILE_MIN_STEPS` (a short fit is faster eager)."""
+    previous = _SHORT_FIT[0]
+    _SHORT_FIT[0] = steps < COMPILE_MIN_STEPS
+    try:
+        yield
+    finally:
+        _SHORT_FIT[0] = previous
+
+
 def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | None:
     """``function(*args)`` compiled, once per process and ``name``; None, after a warning, if
-    compiling fails. Compiled for the first shapes seen; a second minibatch size (the ragged
-    last one) makes torch.compile recompile once with symbolic sizes. Compiled code is cached
-    on disk by PyTorch, so later processes skip most of the ~8 s of a first compilation.
+    compiling fails. Compiled once for any number of rows (cells), so that the ragged last
+    minibatch and other minibatch sizes need no second compilation. Compiled code is cached on
+    disk by PyTorch, so later processes skip most of the ~15-20 s of a first compilation.
 
     The arguments go in detached: the kernels form their derivatives themselves, and
     torch.compile guards on ``requires_grad``, so a parameter frozen for a fit (a reference
-    model's theta in a query fit) would otherwise cost a second compilation."""
+    model's theta in a query fit) would otherwise cost a second compilation.
+
+    None, quietly, in a short fit (:func:`planned_steps`) that would have to compile ``name``.
+    """
+    if _SHORT_FIT[0] and name not in _COMPILED:
+        return None
     if name not in _KERNELS:
-        _KERNELS[name] = torch.compile(function)
+        _KERNELS[name] = torch.compile(function, options=INDUCTOR_OPTIONS)
+    args = tuple(arg.detach() for arg in args)
+    if name not in _COMPILED:
+        for arg in args:  # one compilation for every minibatch size, the ragged last one too
+            if arg.dim() == 2 and arg.shape[0] > 1:
+                torch._dynamo.mark_dynamic(arg, 0)
     try:
-        return _KERNELS[name](*(arg.detach() for arg in args))
+        result = _KERNELS[name](*args)
+        _COMPILED.add(name)
+        return result
     except Exception as error:  # noqa: BLE001 - any failure to compile means: use eager
         _FAILED.append(f"{type(error).__name__}: {error}")
         warnings.warn(
