@@ -41,9 +41,10 @@ from pyrosc.data import CountData, MinibatchSampler
 from pyrosc.evaluate import elbo
 from pyrosc.freezing import Frozen, FrozenFit
 from pyrosc.objective import Objective, ScaleLatents, warmup_weight
+from pyrosc.optim import adam
 from pyrosc.streaming import StreamedCountData
 from pyrosc.traces import bind_data
-from pyrosc.train import EarlyStopping, adam, check_finite, free_parameter_names
+from pyrosc.train import EarlyStopping, check_finite, free_parameter_names
 
 #: Lightning's loggers; at INFO they print the devices, the ranks joining and hints on every fit.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyrosc._fast import broadcast_shapes
+
 # What each size counts, for the error message of check_sizes.
 _SIZE_MEANINGS = {
     "n_input": "input features",
@@ -181,14 +183,14 @@ class MLP(nn.Module):
             if continuous is None or continuous.shape[-1] != self.n_continuous:
                 found = None if continuous is None else continuous.shape[-1]
                 raise ValueError(f"expected {self.n_continuous} continuous covariates, got {found}")
-            shape = torch.broadcast_shapes(x.shape[:-1], continuous.shape[:-1])
+            shape = broadcast_shapes(x.shape[:-1], continuous.shape[:-1])
             x = torch.cat(
                 [x.expand(*shape, x.shape[-1]), continuous.expand(*shape, self.n_continuous)], -1
             )
         one_hots = one_hot_covariates(covariates, self.covariate_sizes)
         if one_hots:
             # Under enumeration either side may carry extra leading dimensions: broadcast.
-            shape = torch.broadcast_shapes(x.shape[:-1], *(h.shape[:-1] for h in one_hots))
+            shape = broadcast_shapes(x.shape[:-1], *(h.shape[:-1] for h in one_hots))
             x = x.expand(*shape, x.shape[-1])
             one_hots = [h.expand(*shape, h.shape[-1]) for h in one_hots]
         for i, (linear, norm) in enumerate(zip(self.linears, self.norms, strict=True)):
