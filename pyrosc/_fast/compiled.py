@@ -17,7 +17,9 @@ F(theta, k) for k < :data:`TABLE_SIZE`, and the Stirling remainder of theta) are
 
 The fused path is taken for the training case only (:func:`applies`): float32 on the CPU, a
 gradient needed, a 2-D ``(cells, genes)`` log mean (and gate) with the counts' shape, and one
-``theta`` per gene. Everything else runs the eager code. Both are tested against the reference
+``theta`` per gene. Everything else runs the eager code, and so does a training fit of fewer
+than :data:`COMPILE_MIN_STEPS` steps (:func:`planned_steps`), where compiling costs more than
+it saves. Both are tested against the reference
 log-probabilities of :mod:`pyrosc.likelihoods` and against float64 truth. Set the environment
 variable ``PYROSC_COMPILE=0`` to turn it off; if compiling fails (no C++ compiler, say) pyrosc
 warns once and uses the eager code from then on.
