@@ -291,3 +291,30 @@ def test_the_lean_loss_only_for_fully_reparameterized_guides(toy_adata):
 
     sampled = read_objective(discrete_model, discrete_guide, kwargs, 0.0, 0)
     assert not sampled.reparameterized  # its score-function terms need Trace_ELBO
+
+
+def test_the_lean_loss_keeps_the_score_function_of_a_discrete_latent():
+    """A non-reparameterised latent in a draw: reparameterized_loss hands the step to
+    Trace_ELBO, whose score-function term makes the gradient of KL(q || p) unbiased. Without it
+    the gradient in q's probability would average to 0; with it, to dKL/dp."""
+    import pyro.distributions as dist
+
+    from pyrosc.plates import cells_plate
+
+    n = 20000
+
+    def model(cell_index):
+        with cells_plate(cell_index, None):
+            pyro.sample("on", dist.Bernoulli(0.3))
+
+    def guide(cell_index):
+        p = pyro.param("p", torch.tensor(0.6))
+        with cells_plate(cell_index, None):
+            pyro.sample("on", dist.Bernoulli(p))
+
+    with pyro.get_param_store().scope():
+        pyro.set_rng_seed(0)
+        reparameterized_loss(model, guide, cell_index=torch.arange(n)).backward()
+        gradient = pyro.param("p").grad.item() / n
+    expected = np.log(0.6 / 0.3) - np.log(0.4 / 0.7)  # d/dp KL(Bernoulli(p) || Bernoulli(0.3))
+    assert gradient == pytest.approx(expected, abs=0.05)
