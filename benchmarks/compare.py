@@ -12,9 +12,8 @@ KL warm-up default: none in pyrosc, 400 epochs in scvi-tools. Per fit it records
 - training wall time around the fit call alone, and training cells per second
   (cells trained per epoch x epochs / seconds);
 - the time from the fit call to the end of its first optimiser step (a post-step hook on
-  scvi-tools' ``torch.optim`` optimiser and on pyrosc's ``StoreAdam`` reads the clock), and
-  the time of the
-  tool's ``import`` (after torch and anndata), which a session pays once beside it;
+  scvi-tools' ``torch.optim`` optimiser and on pyrosc's ``StoreAdam`` reads the clock), and the
+  time of the tool's ``import`` (after torch and anndata), which a session pays once beside it;
 - peak memory: the process's maximum resident set size (``ru_maxrss``) when the fit returns
   (imports, data and model included), and its resident size just before the fit;
 - the mean held-out importance-sampled log-likelihood of the "test" cells with K samples,

@@ -146,9 +146,9 @@ _COMPILED: set[str] = set()  # the kernels this process has compiled (or loaded 
 _SHORT_FIT: list[bool] = [False]
 
 #: Fewer planned training steps than this run the eager code, unless the kernel is compiled in
-#: this process already. Compiling costs a process ~3-4 s when PyTorch's cache holds the code
+#: this process already. Compiling costs a process ~3-6 s when PyTorch's cache holds the code
 #: (importing inductor, tracing each kernel once) and ~15-20 s when it does not; the compiled
-#: NB step is ~5 ms faster than the eager one on a (128, 2000) minibatch (2 CPU cores), so it
+#: NB step is ~5-7 ms faster than the eager one on a (128, 2000) minibatch (2 CPU cores), so it
 #: pays from ~500 steps with a warm cache.
 COMPILE_MIN_STEPS = 500
 
