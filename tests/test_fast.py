@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pyro import validation_enabled as pyro_validation
 
 from pyrosc import _fast
-from pyrosc._fast import compiled
+from pyrosc._fast import ahead, compiled
 from pyrosc.likelihoods import count_distribution
 
 
@@ -81,9 +81,9 @@ def _counting_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls: dict[str, int] = {}
     run = compiled.run
 
-    def counted(name, function, *args):
-        calls[name] = calls.get(name, 0) + 1
-        return run(name, function, *args)
+    def counted(kernel, *args):
+        calls[kernel.name] = calls.get(kernel.name, 0) + 1
+        return run(kernel, *args)
 
     monkeypatch.setattr(compiled, "run", counted)
     return calls
@@ -136,17 +136,15 @@ def test_non_integer_counts_fall_back_to_the_eager_code(monkeypatch: pytest.Monk
 
 
 def test_a_failed_compilation_warns_once_and_uses_the_eager_code(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    def broken_compile(function, **options):
-        def compiled(*args):
-            raise RuntimeError("no C++ compiler")
+    def broken_build(kernel, options):
+        raise RuntimeError("no C++ compiler")
 
-        return compiled
-
+    monkeypatch.setenv("PYROSC_CACHE_DIR", str(tmp_path))  # nothing built there
     monkeypatch.setattr(compiled, "_KERNELS", {})
     monkeypatch.setattr(compiled, "_FAILED", [])
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(ahead, "build", broken_build)
     batch = _batch(seed=5)
     weights = torch.ones_like(batch["value"])
     with pytest.warns(RuntimeWarning, match="could not compile .*no C\\+\\+ compiler"):
@@ -226,22 +224,3 @@ def test_the_speed_path_steps_aside_off_the_cpu_and_for_counts_needing_a_gradien
     with pyro_validation(False):  # (validation reads values, which meta tensors do not have)
         log_prob = count_distribution("zinb", *meta[:2], meta[3]).log_prob(meta[2])
     assert log_prob.shape == (8, 5)
-
-
-def test_a_short_fit_compiles_nothing_new_and_uses_what_is_compiled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def add_one(x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (x + 1,)
-
-    monkeypatch.setattr(compiled, "_COMPILED", set())
-    x = torch.arange(6.0).reshape(3, 2)
-    with compiled.planned_steps(compiled.COMPILE_MIN_STEPS - 1):
-        assert compiled.run("test add one", add_one, x) is None  # not worth compiling
-    with compiled.planned_steps(compiled.COMPILE_MIN_STEPS):
-        (result,) = compiled.run("test add one", add_one, x)
-    torch.testing.assert_close(result, x + 1)
-    with compiled.planned_steps(1):  # compiled already: a short fit uses it, any row count
-        (result,) = compiled.run("test add one", add_one, torch.zeros(5, 2))
-    torch.testing.assert_close(result, torch.ones(5, 2))
-    assert not compiled._SHORT_FIT[0]  # the setting ends with the fit

@@ -4,9 +4,11 @@ Written elementwise in eager PyTorch (:mod:`pyrosc._fast.eager`), the log-probab
 (cells, genes) minibatch and its derivatives take ~40 passes over the whole array plus a dozen
 small operations for the counts beyond the count tables, each one reading and writing memory
 or paying PyTorch's per-operation overhead: on a 2-core CPU ~40 % of an scVI training step.
-Here the same formulas are written once, as functions of the elementwise inputs, and handed to
-``torch.compile``, which fuses them into one vectorised loop that reads the log mean, counts
-and gate logits once and writes the log-probability and its derivatives once.
+Here the same formulas are written once, as functions of the elementwise inputs, and compiled
+by PyTorch's inductor into one vectorised loop that reads the log mean, counts and gate logits
+once and writes the log-probability and its derivatives once. They are compiled ahead of time,
+once per machine, and loaded by each process from a cache on disk (:mod:`pyrosc._fast.ahead`),
+so that a process pays ~10 ms for them, not the seconds of ``torch.compile``.
 
 What is compiled is only arithmetic: the autograd function below forms the derivatives in the
 forward pass (as its eager counterparts do) and the backward multiplies them by the incoming
@@ -18,9 +20,9 @@ F(theta, k) for k < :data:`TABLE_SIZE`, and the Stirling remainder of theta) are
 The fused path is taken for the training case only (:func:`applies`): float32 on the CPU, a
 gradient needed, a 2-D ``(cells, genes)`` log mean (and gate) with the counts' shape, and one
 ``theta`` per gene. Everything else runs the eager code, and so does a training fit of fewer
-than :data:`COMPILE_MIN_STEPS` steps (:func:`planned_steps`), where compiling costs more than
-it saves. Both are tested against the reference
-log-probabilities of :mod:`pyrosc.likelihoods` and against float64 truth. Set the environment
+than :data:`COMPILE_MIN_STEPS` steps (:func:`planned_steps`) on a machine where the kernels
+are not built yet. Both are tested against the reference log-probabilities of
+:mod:`pyrosc.likelihoods` and against float64 truth. Set the environment
 variable ``PYROSC_COMPILE=0`` to turn it off; if compiling fails (no C++ compiler, say) pyrosc
 warns once and uses the eager code from then on.
 """
@@ -32,12 +34,13 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from pyrosc._fast import tables
+from pyrosc._fast import ahead, tables
 from pyrosc._fast.eager import TINY_PRODUCT
 from pyrosc._fast.tables import TABLE_SIZE
 
@@ -140,25 +143,34 @@ def _zero_inflated_negative_binomial(
     return result, grad_log_prob * grad_mean, grad_log_prob * grad_theta, grad_gate, invalid
 
 
-_KERNELS: dict[str, Callable] = {}
+_MATRIX, _TABLE = "cells genes", "table genes"
+_GENE_TERMS = (_TABLE, _TABLE, "genes", "genes", "genes")  # tables.gene_terms, by theta
+GENE_TERMS = ahead.Kernel("gene terms", tables.gene_terms, ("genes",), TABLE_SIZE)
+NEGATIVE_BINOMIAL = ahead.Kernel(
+    "nb", _negative_binomial, (_MATRIX, "genes", _MATRIX, *_GENE_TERMS), TABLE_SIZE
+)
+ZERO_INFLATED_NEGATIVE_BINOMIAL = ahead.Kernel(
+    "zinb",
+    _zero_inflated_negative_binomial,
+    (_MATRIX, "genes", _MATRIX, _MATRIX, *_GENE_TERMS),
+    TABLE_SIZE,
+)
+
+_KERNELS: dict[str, Callable] = {}  # the kernels this process has loaded
 _FAILED: list[str] = []
-_COMPILED: set[str] = set()  # the kernels this process has compiled (or loaded from the cache)
 _SHORT_FIT: list[bool] = [False]
 
-#: Fewer planned training steps than this run the eager code, unless the kernel is compiled in
-#: this process already. Compiling costs a process ~3-6 s when PyTorch's cache holds the code
-#: (importing inductor, tracing each kernel once) and ~15-20 s when it does not; the compiled
-#: NB step is ~5-7 ms faster than the eager one on a (128, 2000) minibatch (2 CPU cores), so it
-#: pays from ~500 steps with a warm cache.
+#: Fewer planned training steps than this run the eager code when the kernels are not built
+#: yet on this machine. Building them (:func:`pyrosc._fast.ahead.build`) costs ~30-40 s once
+#: per machine, PyTorch version and pyrosc version; loading built ones ~10 ms a process. The
+#: fused NB step is ~5-7 ms faster than the eager one on a (128, 2000) minibatch (2 CPU cores),
+#: so a first fit of 500 steps pays part of the build and every later fit profits.
 COMPILE_MIN_STEPS = 500
 
-#: Inductor settings of the kernels. Without them every process pays ~1.5 s before its first
-#: step even when the compiled code is cached: inductor re-checks each vector instruction set
-#: that the CPU reports by building a test library and loading it in a fresh Python (six
-#: subprocesses), and preprocesses its C++ header to checksum it. The CPU's own report is
-#: trusted instead (a compiler that cannot build for it fails the compilation, and pyrosc then
-#: warns and runs the eager code); the kernels, one short C++ loop each, need no precompiled
-#: header.
+#: Inductor settings of the kernels' build: the CPU's own report of its vector instruction set
+#: is trusted (inductor would otherwise re-check each one by building a test library and
+#: loading it in a fresh Python), and the kernels, one short C++ loop each, need no
+#: precompiled header.
 INDUCTOR_OPTIONS = {"cpp.vec_isa_ok": True, "cpp_cache_precompile_headers": False}
 
 
@@ -169,8 +181,8 @@ def enabled() -> bool:
 
 @contextmanager
 def planned_steps(steps: int) -> Iterator[None]:
-    """Within: a fit of ``steps`` training steps, which compiles no kernel it does not already
-    have when ``steps`` < :data:`COMPILE_MIN_STEPS` (a short fit is faster eager)."""
+    """Within: a fit of ``steps`` training steps, which builds no kernel that is not built yet
+    when ``steps`` < :data:`COMPILE_MIN_STEPS` (a short fit is faster eager than building)."""
     previous = _SHORT_FIT[0]
     _SHORT_FIT[0] = steps < COMPILE_MIN_STEPS
     try:
@@ -179,32 +191,24 @@ def planned_steps(steps: int) -> Iterator[None]:
         _SHORT_FIT[0] = previous
 
 
-def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | None:
-    """``function(*args)`` compiled, once per process and ``name``; None, after a warning, if
-    compiling fails. Compiled once for any number of rows (cells), so that the ragged last
-    minibatch and other minibatch sizes need no second compilation. Compiled code is cached on
-    disk by PyTorch, so later processes skip most of the ~15-20 s of a first compilation.
+def run(kernel: ahead.Kernel, *args: Tensor) -> tuple[Tensor, ...] | None:
+    """``kernel.function(*args)``, by the kernel built ahead of time (:mod:`pyrosc._fast.ahead`):
+    loaded from the machine's cache once per process, or built first if it is not there; None,
+    after a warning, if building or running it fails (no C++ compiler, say), and from then on
+    the eager code runs. One build serves every number of cells and genes.
 
-    The arguments go in detached: the kernels form their derivatives themselves, and
-    torch.compile guards on ``requires_grad``, so a parameter frozen for a fit (a reference
-    model's theta in a query fit) would otherwise cost a second compilation.
-
-    None, quietly, in a short fit (:func:`planned_steps`) that would have to compile ``name``.
+    None, quietly, in a short fit (:func:`planned_steps`) that would have to build it.
     """
-    if _SHORT_FIT[0] and name not in _COMPILED:
-        return None
-    if name not in _KERNELS:
-        _KERNELS[name] = torch.compile(function, options=INDUCTOR_OPTIONS)
-    args = tuple(arg.detach() for arg in args)
-    if name not in _COMPILED:
-        for arg in args:  # one compilation for every minibatch size, the ragged last one too
-            if arg.dim() == 2 and arg.shape[0] > 1:
-                torch._dynamo.mark_dynamic(arg, 0)
+    function = _KERNELS.get(kernel.name)
     try:
-        result = _KERNELS[name](*args)
-        _COMPILED.add(name)
-        return result
-    except Exception as error:  # noqa: BLE001 - any failure to compile means: use eager
+        if function is None:
+            path = ahead.package_path(kernel)
+            if not path.exists() and _SHORT_FIT[0]:
+                return None
+            function = _load_or_build(kernel, path)
+            _KERNELS[kernel.name] = function
+        return tuple(ahead.call(function, args))
+    except Exception as error:  # noqa: BLE001 - any failure to build or run means: use eager
         _FAILED.append(f"{type(error).__name__}: {error}")
         warnings.warn(
             f"pyrosc could not compile its fused likelihood ({_FAILED[-1][:300]}); using the "
@@ -213,6 +217,18 @@ def run(name: str, function: Callable, *args: Tensor) -> tuple[Tensor, ...] | No
             stacklevel=3,
         )
         return None
+
+
+def _load_or_build(kernel: ahead.Kernel, path: Path) -> Callable[..., list[Tensor]]:
+    """Load the package at ``path``; build it first if it is missing, or again if it does not
+    load (a file damaged on disk)."""
+    if path.exists():
+        try:
+            return ahead.load(path)
+        except Exception:  # noqa: BLE001 - rebuilt below; a second failure is raised
+            pass
+    ahead.build(kernel, INDUCTOR_OPTIONS)
+    return ahead.load(path)
 
 
 def applies(
@@ -256,17 +272,10 @@ class _FusedLogProb(torch.autograd.Function):
         *gene_terms: Tensor,
     ) -> Tensor:
         if gate_logits is None:
-            outputs = run("nb", _negative_binomial, log_mean, theta, value, *gene_terms)
+            outputs = run(NEGATIVE_BINOMIAL, log_mean, theta, value, *gene_terms)
         else:
-            outputs = run(
-                "zinb",
-                _zero_inflated_negative_binomial,
-                log_mean,
-                theta,
-                gate_logits,
-                value,
-                *gene_terms,
-            )
+            kernel = ZERO_INFLATED_NEGATIVE_BINOMIAL
+            outputs = run(kernel, log_mean, theta, gate_logits, value, *gene_terms)
         if outputs is None or bool(outputs[-1]):
             raise _Fallback
         log_prob, *derivatives = outputs[:-1]
@@ -292,7 +301,7 @@ def log_prob(
     """
     if not applies(log_mean, theta, value, gate_logits):
         return None
-    terms = run("gene terms", tables.gene_terms, theta.detach())
+    terms = run(GENE_TERMS, theta)
     if terms is None:
         return None
     try:

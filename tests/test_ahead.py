@@ -1,0 +1,95 @@
+"""Kernels built ahead of time (pyrosc._fast.ahead): built once into a cache on disk, loaded by
+later processes without the compiler, rebuilt when damaged, and skipped by a short fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pyrosc._fast import ahead, compiled
+
+
+def _add_one(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x + 1, (x * y).sum(0)
+
+
+ADD_ONE = ahead.Kernel("test add one", _add_one, ("cells genes", "genes"))
+
+
+@pytest.fixture
+def empty_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A cache with nothing built, and a process that has loaded nothing."""
+    monkeypatch.setenv("PYROSC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "_KERNELS", {})
+    monkeypatch.setattr(compiled, "_FAILED", [])
+
+
+def test_a_short_fit_builds_nothing_a_long_one_builds_for_every_size(empty_cache) -> None:
+    x, y = torch.arange(6.0).reshape(3, 2), torch.tensor([1.0, -2.0])
+    path = ahead.package_path(ADD_ONE)
+    with compiled.planned_steps(compiled.COMPILE_MIN_STEPS - 1):
+        assert compiled.run(ADD_ONE, x, y) is None  # not worth building
+    assert not path.exists()
+    with compiled.planned_steps(compiled.COMPILE_MIN_STEPS):
+        plus_one, dot = compiled.run(ADD_ONE, x, y)
+    assert path.exists()
+    torch.testing.assert_close(plus_one, x + 1)
+    torch.testing.assert_close(dot, (x * y).sum(0))
+    compiled._KERNELS.clear()  # as a new process: a short fit loads what is built
+    with compiled.planned_steps(1):
+        for cells, genes in [(5, 7), (1, 1), (200, 3)]:  # any size, 1 included
+            x, y = torch.randn(cells, genes), torch.randn(genes)
+            plus_one, dot = compiled.run(ADD_ONE, x.t().contiguous().t(), y)  # column-major x
+            torch.testing.assert_close(plus_one, x + 1)
+            torch.testing.assert_close(dot, (x * y).sum(0))
+    assert not compiled._SHORT_FIT[0]  # the setting ends with the fit
+    compiled._KERNELS.clear()
+    path.write_bytes(b"not a package")  # damaged on disk: rebuilt
+    plus_one, _ = compiled.run(ADD_ONE, x, y)
+    torch.testing.assert_close(plus_one, x + 1)
+    assert compiled.enabled()
+
+
+def test_a_built_kernel_loads_in_a_new_process_without_the_compiler() -> None:
+    theta = torch.rand(30) * 5 + 0.1
+    assert compiled.run(compiled.GENE_TERMS, theta) is not None  # built here if need be
+    code = textwrap.dedent(
+        """
+        import sys, time, torch
+        from pyrosc._fast import compiled, tables
+        theta = torch.rand(30) * 5 + 0.1
+        start = time.perf_counter()
+        with compiled.planned_steps(1):  # a short fit: it would not build, it must load
+            terms = compiled.run(compiled.GENE_TERMS, theta)
+        seconds = time.perf_counter() - start
+        assert terms is not None, "the built kernel was not found"
+        for term, expected in zip(terms, tables.gene_terms(theta), strict=True):
+            torch.testing.assert_close(term, expected)
+        compiler = [name for name in ("torch._dynamo", "torch._inductor") if name in sys.modules]
+        assert not compiler, f"loading imported {compiler}"
+        print(seconds)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 2.0, f"loading took {done.stdout} s"
+
+
+def test_the_package_name_changes_with_what_the_code_depends_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setenv("PYROSC_CACHE_DIR", str(tmp_path))
+    here = ahead.package_path(ADD_ONE)
+    assert here.parent == tmp_path / "kernels"
+    other_shapes = ahead.Kernel(ADD_ONE.name, _add_one, ("cells genes", "cells genes"))
+    assert ahead.package_path(other_shapes) != here
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "another ISA")
+    assert ahead.package_path(ADD_ONE) != here
+    monkeypatch.undo()
+    monkeypatch.delenv("PYROSC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ahead.cache_dir() == tmp_path / "xdg" / "pyrosc"
