@@ -21,6 +21,7 @@ it, so processes building at once (DDP) never read half a file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -104,7 +105,13 @@ def cache_dir() -> Path:
 
 def package_path(kernel: Kernel) -> Path:
     """The file of ``kernel``'s built package in :func:`cache_dir` (see the module notes)."""
-    fast = Path(__file__).parent
+    return cache_dir() / "kernels" / _file_name(kernel)
+
+
+@functools.cache
+def _file_name(kernel: Kernel) -> str:
+    """``<name>-<hash>.pt2``: the hash of everything the built code depends on (read once per
+    process: a short fit asks at every step whether the package is there)."""
     digest = hashlib.sha256()
     for part in (
         kernel.name,
@@ -117,10 +124,10 @@ def package_path(kernel: Kernel) -> Path:
         _source(kernel.function),
     ):
         digest.update(part.encode() + b"\0")
-    for source in sorted(fast.glob("*.py")):
+    for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     slug = "".join(c if c.isalnum() else "-" for c in kernel.name)
-    return cache_dir() / "kernels" / f"{slug}-{digest.hexdigest()[:20]}.pt2"
+    return f"{slug}-{digest.hexdigest()[:20]}.pt2"
 
 
 def _source(function: Callable) -> str:
