@@ -1,12 +1,14 @@
 """The ``pyrosc`` command: fit a model to an .h5ad file (or the embedded PBMC 3k) and write the
 fitted model, an annotated .h5ad, and figures; map query cells onto a fitted reference and
 transfer its labels (``pyrosc map``, in :mod:`pyrosc.cli_map`); or compare groups of cells
-through a fitted model (``pyrosc de``, in :mod:`pyrosc.cli_de`).
+through a fitted model (``pyrosc de``, in :mod:`pyrosc.cli_de`); or build the fused
+likelihood's kernels ahead of the first fit (``pyrosc build-kernels``, :mod:`pyrosc.cli_kernels`).
 
     pyrosc fit [DATA.h5ad] --model vae --likelihood nb --out DIR
     pyrosc fit DATA.h5ad --model scvi --batch-key batch --out DIR
     pyrosc map QUERY.h5ad --reference DIR --labels-key cell_type --out MAPPED
     pyrosc de DIR DIR/pyrosc.h5ad --groupby cell_type --out DE
+    pyrosc build-kernels
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from pyrosc import cli_de, cli_map
+from pyrosc import cli_de, cli_kernels, cli_map
 from pyrosc.data import select_genes
 from pyrosc.input_checks import count_matrix
 from pyrosc.likelihoods import LIKELIHOODS
@@ -106,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cli_map.add_parser(commands)
     cli_de.add_parser(commands)
+    cli_kernels.add_parser(commands)
     return parser
 
 
@@ -308,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_map.map_command(args)
         if args.command == "de":
             return cli_de.de_command(args)
+        if args.command == "build-kernels":
+            return cli_kernels.build_kernels_command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"pyrosc: error: {error}", file=sys.stderr)
         return 2

@@ -96,3 +96,26 @@ def test_the_package_name_changes_with_what_the_code_depends_on(
     monkeypatch.delenv("PYROSC_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert ahead.cache_dir() == tmp_path / "xdg" / "pyrosc"
+
+
+def test_the_build_kernels_command_builds_once_and_reports_a_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys
+) -> None:
+    """``pyrosc build-kernels``: with nothing to build it loads and lists every kernel; a build
+    that fails is an error message and exit status 1, not a traceback."""
+    from pyrosc.cli import main
+
+    assert main(["build-kernels"]) == 0  # builds what this machine lacks, then lists all
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [k.name for k in compiled.KERNELS]
+    assert main(["build-kernels"]) == 0
+    assert all("already built" in line for line in capsys.readouterr().out.splitlines())
+
+    def broken_build(kernel, options, path):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setenv("PYROSC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ahead, "_export_and_build", broken_build)
+    assert main(["build-kernels"]) == 1
+    error = capsys.readouterr().err
+    assert "could not build 'gene terms' (RuntimeError: no C++ compiler)" in error

@@ -138,13 +138,16 @@ def test_non_integer_counts_fall_back_to_the_eager_code(monkeypatch: pytest.Monk
 def test_a_failed_compilation_warns_once_and_uses_the_eager_code(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    def broken_build(kernel, options):
+    attempts = []
+
+    def broken_build(kernel, options, path):
+        attempts.append(kernel.name)
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setenv("PYROSC_CACHE_DIR", str(tmp_path))  # nothing built there
     monkeypatch.setattr(compiled, "_KERNELS", {})
     monkeypatch.setattr(compiled, "_FAILED", [])
-    monkeypatch.setattr(ahead, "build", broken_build)
+    monkeypatch.setattr(ahead, "_export_and_build", broken_build)
     batch = _batch(seed=5)
     weights = torch.ones_like(batch["value"])
     with pytest.warns(RuntimeWarning, match="could not compile .*no C\\+\\+ compiler"):
@@ -156,6 +159,12 @@ def test_a_failed_compilation_warns_once_and_uses_the_eager_code(
     monkeypatch.setenv("PYROSC_COMPILE", "0")
     eager = _fused_and_grads("nb", batch, weights)
     torch.testing.assert_close(result[0], eager[0], rtol=0, atol=0)
+    # A later process does not try again: the failure is on disk, with how to retry.
+    monkeypatch.delenv("PYROSC_COMPILE")
+    monkeypatch.setattr(compiled, "_FAILED", [])
+    with pytest.warns(RuntimeWarning, match="failed before .*no C\\+\\+ compiler.*delete"):
+        _fused_and_grads("nb", batch, weights)
+    assert attempts == ["gene terms"]
 
 
 def test_applies_only_to_the_training_case(monkeypatch: pytest.MonkeyPatch) -> None:

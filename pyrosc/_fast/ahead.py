@@ -130,6 +130,12 @@ def _file_name(kernel: Kernel) -> str:
     return f"{slug}-{digest.hexdigest()[:20]}.pt2"
 
 
+def failure_path(kernel: Kernel) -> Path:
+    """The file in which a failed :func:`build` of ``kernel`` leaves its error, so that later
+    processes do not try again (delete it to retry)."""
+    return package_path(kernel).with_suffix(".failed")
+
+
 def _source(function: Callable) -> str:
     try:
         return inspect.getsource(function)
@@ -148,15 +154,25 @@ class _Module(torch.nn.Module):
 
 def build(kernel: Kernel, options: dict) -> Path:
     """Export ``kernel``, build it with AOTInductor (inductor ``options``) and store it at
-    :func:`package_path`; ~10 s a kernel on 2 CPU cores, plus ~5 s of imports once.
+    :func:`package_path`; ~10 s a kernel on 2 CPU cores, plus ~5 s of imports once. A failure
+    leaves its error in :func:`failure_path`.
 
     Raises:
         Exception: whatever exporting or building raises (no C++ compiler, say).
     """
-    from torch._inductor import aoti_compile_and_package  # the compiler: only to build
-
     path = package_path(kernel)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _export_and_build(kernel, options, path)
+    except Exception as error:
+        failure_path(kernel).write_text(f"{type(error).__name__}: {error}")
+        raise
+    return path
+
+
+def _export_and_build(kernel: Kernel, options: dict, path: Path) -> None:
+    from torch._inductor import aoti_compile_and_package  # the compiler: only to build
+
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         warnings.simplefilter("ignore", FutureWarning)  # the compiler's, not the user's to mend
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -166,7 +182,6 @@ def build(kernel: Kernel, options: dict) -> Path:
         partial = Path(scratch) / path.name
         aoti_compile_and_package(exported, package_path=str(partial), inductor_configs=options)
         os.replace(partial, path)
-    return path
 
 
 def load(path: Path) -> Callable[..., list[Tensor]]:

@@ -155,6 +155,8 @@ ZERO_INFLATED_NEGATIVE_BINOMIAL = ahead.Kernel(
     (_MATRIX, "genes", _MATRIX, _MATRIX, *_GENE_TERMS),
     TABLE_SIZE,
 )
+#: Every kernel of the training step (what ``pyrosc build-kernels`` builds).
+KERNELS = (GENE_TERMS, NEGATIVE_BINOMIAL, ZERO_INFLATED_NEGATIVE_BINOMIAL)
 
 _KERNELS: dict[str, Callable] = {}  # the kernels this process has loaded
 _FAILED: list[str] = []
@@ -227,6 +229,12 @@ def _load_or_build(kernel: ahead.Kernel, path: Path) -> Callable[..., list[Tenso
             return ahead.load(path)
         except Exception:  # noqa: BLE001 - rebuilt below; a second failure is raised
             pass
+    failure = ahead.failure_path(kernel)
+    if failure.exists():  # no second attempt in every process (a machine without a compiler)
+        raise RuntimeError(
+            f"building it failed before on this machine ({failure.read_text()[:300]}); "
+            f"delete {failure} to try again"
+        )
     ahead.build(kernel, INDUCTOR_OPTIONS)
     return ahead.load(path)
 
