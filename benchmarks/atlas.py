@@ -32,10 +32,11 @@ counts a pass over the file), the fit call, and the time of each epoch: pyrosc's
 (``seconds``: the epoch's loop only; for DDP, rank 0's), scvi-tools' from a Lightning callback
 at each epoch's start and end. Time per epoch is the mean over the epochs; cells/s is cells
 over it. Before the timed fit, each pyrosc child fits the same model to the file's first 1,000
-cells for one epoch, so that the one-off compilation of pyrosc's fused likelihood (seconds,
-``torch.compile``) is set-up, not the first epoch. DDP's processes compile again (~6 s, even
-with PyTorch's compiled code cached on disk) in their first epoch, so for DDP the time per
-epoch is the mean over the epochs after the first. Peak memory is the child's ``ru_maxrss`` at
+cells for one epoch, so that the one-off compilation of pyrosc's fused likelihood is set-up,
+not the first epoch (since issue 19 the kernels are built once per machine and each process
+loads them in milliseconds; when results_atlas.md was measured, each process compiled them
+with ``torch.compile``, ~6 s even with PyTorch's cache). For DDP the time per epoch is the mean
+over the epochs after the first. Peak memory is the child's ``ru_maxrss`` at
 its end (for DDP also that of the largest process it started). A child that runs out of memory
 (``MemoryError``, or killed by signal 9) is reported as such, and the benchmark goes on. For
 DDP: the number of trained parameters (the networks' weights and the free Pyro parameters),
