@@ -245,11 +245,13 @@ def train(
     of :meth:`CountData.minibatch` (plus ``n_cells``, the number of training cells); each
     receives the entries its own signature names.
 
-    Speed: the NB and ZINB log-probabilities run compiled (:mod:`pyrosc._fast`) in a fit of at
-    least 500 steps (``max_epochs`` x minibatches) or once this process has compiled them, and
-    eager in a shorter fit, where compiling would cost more than it saves. After the first step
-    (run with Pyro's validation, if on) a guide that reparameterises every latent trains on the
-    same ELBO without Pyro's bookkeeping (:func:`pyrosc.objective.reparameterized_loss`).
+    Speed: the NB and ZINB log-probabilities run as compiled loops (:mod:`pyrosc._fast`), built
+    once per machine into a cache on disk and loaded by each process in milliseconds; a fit of
+    at least 500 steps (``max_epochs`` x minibatches) builds them if they are not built yet, a
+    shorter one runs the eager code then (``pyrosc build-kernels`` builds them ahead). After
+    the first step (run with Pyro's validation, if on) a guide that reparameterises every latent
+    trains on the same ELBO without Pyro's bookkeeping
+    (:func:`pyrosc.objective.reparameterized_loss`).
 
     Args:
         model, guide: a pair following the pyrosc contract (see the design notes).
@@ -326,7 +328,7 @@ def train(
         desc=f"training, {epochs_reason}",
         unit="epoch",
     )
-    # A short fit runs the likelihood's eager code rather than compile it (pyrosc._fast).
+    # A short fit runs the likelihood's eager code rather than build its kernels (pyrosc._fast).
     with freezing, compiled.planned_steps(max_epochs * len(sampler)):  # freezing: after the probe
         for epoch in bar:
             start = time.perf_counter()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +98,9 @@ def test_the_package_name_changes_with_what_the_code_depends_on(
     monkeypatch.delenv("PYROSC_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert ahead.cache_dir() == tmp_path / "xdg" / "pyrosc"
+    (tmp_path / "a file").write_text("")  # a cache that cannot be created: the temporary one
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file"))
+    assert ahead.cache_dir().parent == Path(tempfile.gettempdir())
 
 
 def test_the_build_kernels_command_builds_once_and_reports_a_failure(

@@ -22,6 +22,7 @@ it, so processes building at once (DDP) never read half a file.
 from __future__ import annotations
 
 import functools
+import getpass
 import hashlib
 import inspect
 import os
@@ -96,11 +97,24 @@ class Kernel:
 
 def cache_dir() -> Path:
     """Where built kernels live: ``$PYROSC_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyrosc``, else
-    ``~/.cache/pyrosc``; the packages are in its ``kernels/`` folder."""
+    ``~/.cache/pyrosc``; the packages are in its ``kernels/`` folder. Where the default cannot
+    be created or written (a read-only home directory, as on some clusters), a folder of the
+    user's in the temporary directory."""
     if os.environ.get("PYROSC_CACHE_DIR"):
         return Path(os.environ["PYROSC_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pyrosc"
+    return _writable_or_temporary(Path(base) / "pyrosc")
+
+
+@functools.cache
+def _writable_or_temporary(path: Path) -> Path:
+    try:
+        (path / "kernels").mkdir(parents=True, exist_ok=True)
+        if os.access(path / "kernels", os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"pyrosc-{getpass.getuser()}"
 
 
 def package_path(kernel: Kernel) -> Path:
