@@ -124,3 +124,27 @@ def test_the_build_kernels_command_builds_once_and_reports_a_failure(
     assert main(["build-kernels"]) == 1
     error = capsys.readouterr().err
     assert "could not build 'gene terms' (RuntimeError: no C++ compiler)" in error
+
+
+def test_a_temporary_cache_of_another_user_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The fallback folder in the shared temporary directory: one that someone else made
+    (whose libraries this process would load) is passed over for a fresh private one."""
+    import os
+
+    (tmp_path / "a file").write_text("")
+    monkeypatch.delenv("PYROSC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file"))  # the default cannot be made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ahead.getpass, "getuser", lambda: "someone")
+    planted = tmp_path / "pyrosc-someone"
+    planted.mkdir()
+    try:
+        os.chown(planted, 65534, 65534)
+    except PermissionError:
+        pytest.skip("changing a folder's owner needs root")
+    ahead._writable_or_temporary.cache_clear()
+    chosen = ahead.cache_dir()
+    ahead._writable_or_temporary.cache_clear()
+    assert chosen != planted and chosen.parent == tmp_path and chosen.stat().st_uid == os.getuid()

@@ -108,13 +108,23 @@ def cache_dir() -> Path:
 
 @functools.cache
 def _writable_or_temporary(path: Path) -> Path:
+    """``path`` if its ``kernels`` folder can be created and written; else the user's own
+    folder in the temporary directory (made private; if it exists and belongs to someone
+    else, whose libraries this process would load, a fresh folder for this process)."""
     try:
         (path / "kernels").mkdir(parents=True, exist_ok=True)
         if os.access(path / "kernels", os.W_OK):
             return path
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"pyrosc-{getpass.getuser()}"
+    temporary = Path(tempfile.gettempdir()) / f"pyrosc-{getpass.getuser()}"
+    try:
+        temporary.mkdir(mode=0o700, exist_ok=True)
+        if temporary.stat().st_uid == os.getuid():
+            return temporary
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="pyrosc-"))
 
 
 def package_path(kernel: Kernel) -> Path:
