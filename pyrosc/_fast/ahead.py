@@ -9,8 +9,9 @@ package in ~10 ms without importing the compiler (``torch._C._aoti.AOTIModelPack
 the loader behind ``torch._inductor.aoti_load_package``), and each call is a call into the
 built library.
 
-The cache is ``$PYROSC_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyrosc``, else ``~/.cache/pyrosc``,
-under ``kernels/``. A package's file name holds a hash of everything its code depends on: the
+The cache is ``$PYROSC_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyrosc``, else ``~/.cache/pyrosc``
+(or, where that cannot be written, a private folder in the temporary directory), under
+``kernels/``. A package's file name holds a hash of everything its code depends on: the
 kernel's name and argument shapes, the source of :mod:`pyrosc._fast` (and of the kernel
 function), the PyTorch version, the Python version, and the machine's architecture and vector
 instruction set (a library built for AVX-512 must not load on an AVX2 machine that shares the
@@ -25,6 +26,7 @@ import functools
 import getpass
 import hashlib
 import inspect
+import math
 import os
 import platform
 import sys
@@ -66,12 +68,12 @@ class Kernel:
         """Positive float32 example arguments of the shapes, for the export."""
         generator = torch.Generator().manual_seed(0)
         sizes = EXAMPLE_SIZES | {"table": self.table_size}
-        return tuple(
-            torch.rand(self._flat_size(shape, sizes), generator=generator) + 0.5
-            if shape.startswith("table")
-            else torch.rand([sizes[part] for part in shape.split()], generator=generator) + 0.5
-            for shape in self.shapes
-        )
+        examples = []
+        for shape in self.shapes:
+            dims = [sizes[part] for part in shape.split()]
+            flat = shape.startswith("table")  # one flat (table * genes,) vector
+            examples.append(torch.rand([math.prod(dims)] if flat else dims, generator=generator))
+        return tuple(example + 0.5 for example in examples)
 
     def dynamic_shapes(self) -> tuple[dict[int, object], ...]:
         """The ``dynamic_shapes`` of :func:`torch.export.export`: cells and genes free."""
@@ -86,13 +88,6 @@ class Kernel:
             else:
                 specs.append({axis: dims[part] for axis, part in enumerate(shape.split())})
         return tuple(specs)
-
-    @staticmethod
-    def _flat_size(shape: str, sizes: dict[str, int]) -> int:
-        size = 1
-        for part in shape.split():
-            size *= sizes[part]
-        return size
 
 
 def cache_dir() -> Path:

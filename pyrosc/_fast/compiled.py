@@ -144,15 +144,15 @@ def _zero_inflated_negative_binomial(
 
 
 _MATRIX, _TABLE = "cells genes", "table genes"
-_GENE_TERMS = (_TABLE, _TABLE, "genes", "genes", "genes")  # tables.gene_terms, by theta
+_GENE_TERM_SHAPES = (_TABLE, _TABLE, "genes", "genes", "genes")  # what GENE_TERMS returns
 GENE_TERMS = ahead.Kernel("gene terms", tables.gene_terms, ("genes",), TABLE_SIZE)
 NEGATIVE_BINOMIAL = ahead.Kernel(
-    "nb", _negative_binomial, (_MATRIX, "genes", _MATRIX, *_GENE_TERMS), TABLE_SIZE
+    "nb", _negative_binomial, (_MATRIX, "genes", _MATRIX, *_GENE_TERM_SHAPES), TABLE_SIZE
 )
 ZERO_INFLATED_NEGATIVE_BINOMIAL = ahead.Kernel(
     "zinb",
     _zero_inflated_negative_binomial,
-    (_MATRIX, "genes", _MATRIX, _MATRIX, *_GENE_TERMS),
+    (_MATRIX, "genes", _MATRIX, _MATRIX, *_GENE_TERM_SHAPES),
     TABLE_SIZE,
 )
 #: Every kernel of the training step (what ``pyrosc build-kernels`` builds).
